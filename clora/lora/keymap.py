@@ -1,0 +1,294 @@
+"""Kohya stems <-> module paths in the ldm trees the hosts run, built from the model's own module tree.
+
+LoRA files name their targets by kohya stems: ``lora_unet_`` + the *diffusers* UNet path with ``.`` -> ``_``
+(``lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k``) and ``lora_te_`` + the HF CLIP path
+(``lora_te_text_model_encoder_layers_0_self_attn_q_proj``).  The hosts run the *ldm* UNet (``input_blocks``...), so
+`unet_stem_table` walks the ldm tree, works out which diffusers block each ldm block is (levels and resnet counts are
+read from the tree, not assumed), and maps every ``Linear``/``Conv2d`` in it.  Because the table is built from the
+real module names, stems with underscores inside names (``to_out_0``, ``transformer_blocks``) never need guessing.
+
+ldm <-> diffusers, for ``L`` levels with ``n_l`` resnets on level ``l``:
+
+===================================  ==================================================
+diffusers                            ldm (``UNetModel``)
+===================================  ==================================================
+conv_in                              input_blocks.0.0
+time_embedding.linear_1 / linear_2   time_embed.0 / time_embed.2
+add_embedding.linear_1 / linear_2    label_emb.0.0 / label_emb.0.2 (SDXL)
+down_blocks.l.resnets.j              input_blocks.k.0, k = 1 + Σ_{m<l}(n_m+1) + j
+down_blocks.l.attentions.j           input_blocks.k.1
+down_blocks.l.downsamplers.0.conv    input_blocks.(k of the level's end).0.op
+mid_block.resnets.0 / .1             middle_block.0 / middle_block.2
+mid_block.attentions.0               middle_block.1
+up_blocks.i.resnets.j                output_blocks.k.0 (up level i mirrors down level L-1-i, n+1 blocks each)
+up_blocks.i.attentions.j             output_blocks.k.1
+up_blocks.i.upsamplers.0.conv        output_blocks.k.1.conv or .2.conv (2 when the level has attention)
+conv_norm_out / conv_out             out.0 / out.2
+resnet conv1 / conv2                 in_layers.2 / out_layers.3
+resnet time_emb_proj / conv_shortcut emb_layers.1 / skip_connection
+transformer internals                unchanged (proj_in, transformer_blocks.t.attn1.to_q, ..., ff.net.2, proj_out)
+===================================  ==================================================
+
+Every ldm path is also registered under its own ldm-style stem (``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``,
+as kohya's SDXL trainer writes), so both spellings resolve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from .dense import shape_problem
+from .types import LoraError, LoraFile, LoraModule
+
+__all__ = [
+    "HOST_ROOTS", "full_path", "unet_paths", "unet_stem_table", "text_paths", "text_stem_table", "ResolvedLora",
+    "resolve", "stem",
+]
+
+# Where each host keeps the two trees, relative to the object the host calls the model.
+#   A1111: shared.sd_model (LatentDiffusion): UNet at model.diffusion_model, CLIPTextModel at cond_stage_model.transformer.
+#   Forge: the UNet is p.sd_model.forge_objects.unet.model.diffusion_model (root: forge_objects.unet.model) and the CLIP-L
+#          text model clip_l.transformer inside forge_objects.clip.cond_stage_model.
+HOST_ROOTS: dict[str, dict[str, str]] = {
+    "a1111": {"unet": "model.diffusion_model", "text": "cond_stage_model.transformer"},
+    "forge": {"unet": "diffusion_model", "text": "clip_l.transformer"},
+}
+
+_TARGET_TYPES = (nn.Linear, nn.Conv2d)
+
+_RESNET_INTERNALS = {
+    "in_layers.2": "conv1",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+_FIXED = {
+    "input_blocks.0.0": "conv_in",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "out.2": "conv_out",
+}
+
+
+def stem(prefix: str, path: str) -> str:
+    """Kohya stem of a module path: ``prefix`` + path with dots replaced by underscores."""
+    return prefix + path.replace(".", "_")
+
+
+def full_path(host: str, component: str, relpath: str) -> str:
+    """Path of a module from the host's model object, e.g. ``("a1111", "unet", "out.2")`` -> ``model.diffusion_model.out.2``."""
+    try:
+        root = HOST_ROOTS[host][component]
+    except KeyError:
+        raise LoraError(f"unknown host/component {host!r}/{component!r}; known: {sorted(HOST_ROOTS)} / unet, text") from None
+    return f"{root}.{relpath}" if relpath else root
+
+
+# ----- UNet ---------------------------------------------------------------------------------------
+
+def _block_kind(block: nn.Module) -> str:
+    """Classify one child of an ldm TimestepEmbedSequential by its structure (ldm, sgm and Forge agree on these names)."""
+    if hasattr(block, "in_layers") and hasattr(block, "out_layers"):
+        return "resnet"
+    if hasattr(block, "transformer_blocks"):
+        return "attention"
+    if hasattr(block, "op"):
+        return "downsample"
+    if hasattr(block, "conv"):
+        return "upsample"
+    return "other"
+
+
+def _block_prefixes(unet: nn.Module) -> dict[str, tuple[str, str]]:
+    """ldm block path -> (diffusers block path, kind) for every resnet/attention/sampler block of the UNet."""
+    out: dict[str, tuple[str, str]] = {}
+    inputs = list(getattr(unet, "input_blocks", []))
+    if not inputs:
+        raise LoraError("the UNet has no input_blocks; it is not an ldm UNetModel")
+    level, j = 0, 0
+    per_level: list[int] = []
+    for k, seq in enumerate(inputs[1:], start=1):
+        kinds = [_block_kind(b) for b in seq]
+        if kinds and kinds[0] == "downsample":
+            out[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.downsamplers.0", "downsample")
+            per_level.append(j)
+            level, j = level + 1, 0
+            continue
+        for idx, kind in enumerate(kinds):
+            name = {"resnet": "resnets", "attention": "attentions"}.get(kind)
+            if name is not None:
+                out[f"input_blocks.{k}.{idx}"] = (f"down_blocks.{level}.{name}.{j}", kind)
+        j += 1
+    per_level.append(j)
+    levels = len(per_level)
+
+    if hasattr(unet, "middle_block"):
+        n_res = 0
+        for idx, b in enumerate(unet.middle_block):
+            kind = _block_kind(b)
+            if kind == "resnet":
+                out[f"middle_block.{idx}"] = (f"mid_block.resnets.{n_res}", kind)
+                n_res += 1
+            elif kind == "attention":
+                out[f"middle_block.{idx}"] = ("mid_block.attentions.0", kind)
+
+    k = 0
+    outputs = list(getattr(unet, "output_blocks", []))
+    for up in range(levels):
+        for j in range(per_level[levels - 1 - up] + 1):
+            if k >= len(outputs):
+                break
+            for idx, b in enumerate(outputs[k]):
+                kind = _block_kind(b)
+                if kind == "resnet":
+                    out[f"output_blocks.{k}.{idx}"] = (f"up_blocks.{up}.resnets.{j}", kind)
+                elif kind == "attention":
+                    out[f"output_blocks.{k}.{idx}"] = (f"up_blocks.{up}.attentions.{j}", kind)
+                elif kind == "upsample":
+                    out[f"output_blocks.{k}.{idx}"] = (f"up_blocks.{up}.upsamplers.0", kind)
+            k += 1
+    return out
+
+
+def _convert_inner(kind: str, inner: str) -> Optional[str]:
+    if kind == "attention":
+        return inner
+    if kind == "resnet":
+        return _RESNET_INTERNALS.get(inner)
+    if kind == "downsample":
+        return "conv" if inner == "op" else None
+    if kind == "upsample":
+        return "conv" if inner == "conv" else None
+    return None
+
+
+def unet_paths(unet: nn.Module) -> dict[str, str]:
+    """diffusers path -> ldm path (relative to ``unet``) for every ``Linear``/``Conv2d`` with a diffusers name."""
+    blocks = _block_prefixes(unet)
+    table: dict[str, str] = {}
+    for path, module in unet.named_modules():
+        if not isinstance(module, _TARGET_TYPES):
+            continue
+        if path in _FIXED:
+            table[_FIXED[path]] = path
+            continue
+        parts = path.split(".")
+        # input_blocks.k.i / output_blocks.k.i have three parts, middle_block.i two
+        cut = 2 if parts[0] == "middle_block" else 3
+        block, inner = ".".join(parts[:cut]), ".".join(parts[cut:])
+        if block not in blocks or not inner:
+            continue
+        dprefix, kind = blocks[block]
+        dinner = _convert_inner(kind, inner)
+        if dinner is not None:
+            table[f"{dprefix}.{dinner}"] = path
+    return table
+
+
+def unet_stem_table(unet: nn.Module) -> dict[str, str]:
+    """Kohya stem -> ldm module path for the UNet: diffusers-named stems plus ldm-named aliases."""
+    table: dict[str, str] = {}
+    for dpath, lpath in unet_paths(unet).items():
+        table[stem("lora_unet_", dpath)] = lpath
+    for lpath, module in unet.named_modules():
+        if isinstance(module, _TARGET_TYPES) and lpath:
+            table.setdefault(stem("lora_unet_", lpath), lpath)
+    return table
+
+
+# ----- text encoder -------------------------------------------------------------------------------
+
+def text_paths(text_model: nn.Module) -> dict[str, str]:
+    """HF CLIP path (``text_model.encoder.layers.0.self_attn.q_proj``) -> path relative to ``text_model``, Linear only.
+
+    Accepts a ``CLIPTextModel`` (paths start with ``text_model.``) or its inner ``CLIPTextTransformer``.
+    """
+    prefix = "" if hasattr(text_model, "text_model") else "text_model."
+    return {prefix + path: path for path, m in text_model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def text_stem_table(text_model: nn.Module, prefix: str = "lora_te_") -> dict[str, str]:
+    """Kohya stem -> module path for a CLIP text model (``prefix`` ``lora_te1_``/``lora_te2_`` for SDXL's two)."""
+    return {stem(prefix, hf): rel for hf, rel in text_paths(text_model).items()}
+
+
+# ----- resolution ---------------------------------------------------------------------------------
+
+@dataclass
+class ResolvedLora:
+    """A LoRA's modules bound to the modules of one model.
+
+    targets: ``(component, path, module, lora_module)`` with component ``"unet"`` or ``"text"`` and ``path`` relative
+             to the component's root (see `HOST_ROOTS` / `full_path`).
+    matched / total: modules bound / modules of the components that were given.
+    unmatched: keys of modules that found no target or whose shapes do not fit it; ``reasons`` says which.
+    skipped: keys of modules for a component that was not given (not counted in ``total``).
+    """
+
+    targets: list[tuple[str, str, nn.Module, LoraModule]]
+    matched: int
+    total: int
+    unmatched: list[str]
+    reasons: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _component(key: str) -> Optional[str]:
+    if key.startswith("lora_unet_"):
+        return "unet"
+    if key.startswith("lora_te"):
+        return "text"
+    return None
+
+
+def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Optional[nn.Module] = None,
+            min_match: float = 0.9) -> ResolvedLora:
+    """Bind every module of ``lora`` to a ``Linear``/``Conv2d`` of ``unet``/``text_model`` (either may be ``None``).
+
+    Each binding is shape-checked against the target's weight.  Raises `LoraError` when fewer than ``min_match`` of the
+    modules of the given components bind; otherwise returns the counts and the unmatched keys (nothing is dropped
+    silently).
+    """
+    tables: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    if unet is not None:
+        tables["unet"] = (unet, unet_stem_table(unet))
+    if text_model is not None:
+        tables["text"] = (text_model, text_stem_table(text_model))
+    targets: list[tuple[str, str, nn.Module, LoraModule]] = []
+    unmatched: list[str] = []
+    reasons: dict[str, str] = {}
+    skipped: list[str] = []
+    for key, module in lora.modules.items():
+        comp = _component(key)
+        if comp is None or comp not in tables:
+            skipped.append(key)
+            continue
+        root, table = tables[comp]
+        path = table.get(key)
+        if path is None:
+            unmatched.append(key)
+            reasons[key] = "no such module in this model"
+            continue
+        target = root.get_submodule(path)
+        problem = shape_problem(module, tuple(target.weight.shape))
+        if problem is not None:
+            unmatched.append(key)
+            reasons[key] = problem
+            continue
+        targets.append((comp, path, target, module))
+    total = len(targets) + len(unmatched)
+    if total and len(targets) / total < min_match:
+        examples = "; ".join(f"{k}: {reasons[k]}" for k in unmatched[:3])
+        hint = "Is it made for another model?"
+        if lora.family != "unknown":
+            from .files import FAMILY_NAMES
+
+            hint = f"It looks like a LoRA for {FAMILY_NAMES.get(lora.family, lora.family)}: is it made for another model?"
+        raise LoraError(f"LoRA '{lora.name}': only {len(targets)} of {total} modules match this model "
+                        f"(e.g. {examples}). {hint}")
+    return ResolvedLora(targets, len(targets), total, unmatched, reasons, skipped)
+
