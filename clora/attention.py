@@ -1,0 +1,267 @@
+"""Capture cross-attention probabilities from an ldm-style UNet, differentiably, without touching its attention.
+
+The host keeps its own attention implementation (SDPA, xformers, sub-quadratic ...).  A read-only forward hook on
+each cross-attention module recomputes ``q = to_q(x)`` and ``k = to_k(context)`` for the layers whose query length
+matches the requested map size and stores ``softmax(q kᵀ · scale)`` averaged over heads.  The module's output is
+never replaced.
+
+Cross-attention modules are found by structure: a submodule whose own name is ``attn2`` and which has ``to_q``,
+``to_k`` and an integer ``heads`` (ldm's ``CrossAttention`` and ``MemoryEfficientCrossAttention`` inside
+``BasicTransformerBlock``, and their look-alikes in other trees).
+
+Early stop: a gradient pass only needs the UNet up to the last layer at the map resolution.  The first complete
+pass run through :meth:`AttentionCapture.run` records which layers fired in which order; afterwards, with
+``stop_after_last=True``, the hook of the last of them raises a private exception that :meth:`AttentionCapture.run`
+catches, so the rest of the UNet never runs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing"]
+
+
+class _StopForward(BaseException):
+    """Raised by a capture hook to abandon the rest of a forward pass.
+
+    A ``BaseException`` so that host code with a broad ``except Exception`` cannot swallow it on the way up to
+    :meth:`AttentionCapture.run`.
+    """
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale)`` per head, averaged over heads.
+
+    q: (B, N, heads·d); k: (B, T, heads·d) (a batch of 1 broadcasts); scale defaults to ``d ** -0.5``.
+    Returns (B, N, T).  Half-precision inputs are computed and returned in float32.  Differentiable.
+    """
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] % heads:
+        raise ValueError(
+            f"Cannot split query width {q.shape[-1]} and key width {k.shape[-1]} into {heads} attention heads."
+        )
+    d = q.shape[-1] // heads
+    if scale is None:
+        scale = d**-0.5
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k = q.float(), k.float()
+    qh = q.reshape(q.shape[0], q.shape[1], heads, d).transpose(1, 2)  # (B, h, N, d)
+    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)  # (B, h, T, d)
+    sim = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    return sim.softmax(dim=-1).mean(dim=1)
+
+
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    return (
+        name.rsplit(".", 1)[-1] == "attn2"
+        and isinstance(getattr(module, "to_q", None), nn.Module)
+        and isinstance(getattr(module, "to_k", None), nn.Module)
+        and isinstance(getattr(module, "heads", None), int)
+    )
+
+
+def find_cross_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every cross-attention module in ``model``, in registration order."""
+    return [(name, mod) for name, mod in model.named_modules() if _is_cross_attention(name, mod)]
+
+
+class AttentionCapture:
+    """Context manager that records cross-attention maps of ``model`` at one resolution.
+
+    Typical use (one pass)::
+
+        with AttentionCapture(unet) as cap:
+            cap.configure(size=(8, 8), grad=True, stop_after_last=True)
+            cap.reset()
+            cap.run(unet, x, t, context=c)        # None when stopped early
+            maps = cap.maps()                     # (B, 8, 8, T), mean over the captured layers
+
+    Settings persist between passes; :meth:`reset` clears the stored maps.  Maps are averaged over heads within a
+    layer, then over layers (equal to the mean over all (layer, head) pairs when every layer has the same number of
+    heads, as in SD1.x).  Hooks are registered on entry and removed on exit, whatever ends the block.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._targets = find_cross_attention(model)
+        if not self._targets:
+            raise ValueError(
+                f"No cross-attention layers were found in {type(model).__name__}: expected submodules named 'attn2' "
+                "with to_q, to_k and heads."
+            )
+        self._handles: list[Any] = []
+        self._size: Optional[tuple[int, int]] = None
+        self._grad = False
+        self._stop_after_last = False
+        self._enabled = True
+        self._store: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._pass_names: list[str] = []
+        self._order: Optional[tuple[str, ...]] = None
+        self._order_size: Optional[tuple[int, int]] = None
+        self._in_run = False
+
+    # ----- context management -------------------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionCapture":
+        if self._handles:
+            raise RuntimeError("This AttentionCapture is already active; use one `with` block at a time.")
+        try:
+            for name, module in self._targets:
+                self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._remove_hooks()
+        self._in_run = False
+
+    def _remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    # ----- settings -----------------------------------------------------------------------------------------------
+    def configure(
+        self,
+        size: Optional[tuple[int, int]] = None,
+        grad: Optional[bool] = None,
+        stop_after_last: Optional[bool] = None,
+        enabled: Optional[bool] = None,
+    ) -> None:
+        """Change the settings given (others keep their value).
+
+        size: ``(h, w)`` of the maps to capture; layers whose query length is ``h·w`` are captured.
+        grad: keep the autograd graph to the input (otherwise maps are computed under ``no_grad``).
+        stop_after_last: inside :meth:`run`, abandon the forward after the last layer at ``size`` (known once a
+                         complete pass at that size has run through :meth:`run`).
+        enabled: capture at all.
+        """
+        if size is not None:
+            h, w = (int(size[0]), int(size[1]))
+            if h <= 0 or w <= 0:
+                raise ValueError(f"The attention map size must be positive, got {size}.")
+            self._size = (h, w)
+        if grad is not None:
+            self._grad = bool(grad)
+        if stop_after_last is not None:
+            self._stop_after_last = bool(stop_after_last)
+        if enabled is not None:
+            self._enabled = bool(enabled)
+
+    @property
+    def size(self) -> Optional[tuple[int, int]]:
+        return self._size
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Qualified names of the layers captured since the last :meth:`reset`, in firing order."""
+        return tuple(self._names)
+
+    @property
+    def known_order(self) -> Optional[tuple[str, ...]]:
+        """The layers at the current size recorded by the last complete :meth:`run`, or ``None``."""
+        return self._order if self._order_size == self._size else None
+
+    def reset(self) -> None:
+        """Forget the captured maps (call between passes)."""
+        self._store = []
+        self._names = []
+
+    # ----- passes -------------------------------------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)``; return its result, or ``None`` when the pass was stopped early.
+
+        A pass that completes records the order of the layers it captured, which enables early stopping later.
+        """
+        self._pass_names = []
+        self._in_run = True
+        try:
+            out = fn(*args, **kwargs)
+        except _StopForward:
+            return None
+        finally:
+            self._in_run = False
+        if self._size is not None and self._enabled:
+            self._order = tuple(self._pass_names)
+            self._order_size = self._size
+        return out
+
+    def maps(self) -> torch.Tensor:
+        """Mean over the captured layers: (B, h, w, T)."""
+        if not self._store:
+            size = "x".join(map(str, self._size)) if self._size else "(no size set)"
+            raise RuntimeError(f"No cross-attention maps were captured at {size}; did a UNet pass run inside the capture?")
+        shapes = {tuple(m.shape) for m in self._store}
+        if len(shapes) > 1:
+            raise RuntimeError(
+                f"The captured attention maps have different shapes {sorted(shapes)}; call reset() between passes."
+            )
+        if len(self._store) == 1:
+            return self._store[0]
+        return torch.stack(self._store).mean(dim=0)
+
+    # ----- the hook -----------------------------------------------------------------------------------------------
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            self._on_forward(name, module, args, kwargs)
+
+        return hook
+
+    def _on_forward(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._enabled or self._size is None:
+            return
+        x = args[0] if args else kwargs.get("x")
+        context = kwargs["context"] if "context" in kwargs else (args[1] if len(args) > 1 else None)
+        if not isinstance(x, torch.Tensor) or not isinstance(context, torch.Tensor) or x.dim() != 3:
+            return
+        h, w = self._size
+        if x.shape[1] != h * w:
+            return
+        scale = getattr(module, "scale", None)
+        if self._grad:
+            probs = attention_probs(module.to_q(x), module.to_k(context), module.heads, scale)
+        else:
+            with torch.no_grad():
+                probs = attention_probs(module.to_q(x), module.to_k(context), module.heads, scale).detach()
+        self._store.append(probs.reshape(probs.shape[0], h, w, probs.shape[-1]))
+        self._names.append(name)
+        self._pass_names.append(name)
+        order = self.known_order
+        if (
+            self._in_run
+            and self._stop_after_last
+            and order
+            and len(self._pass_names) == len(order)
+            and name == order[-1]
+        ):
+            raise _StopForward()
+
+
+_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
+
+
+@contextmanager
+def no_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Turn ldm gradient checkpointing off inside the block; restore every flag's exact previous value on exit.
+
+    ldm runs a block under its own ``CheckpointFunction`` when ``BasicTransformerBlock.checkpoint`` (set from
+    ``SpatialTransformer``'s ``use_checkpoint``) or ``ResBlock.use_checkpoint`` is true; such a block's forward runs
+    without grad, so attention captured inside it carries no gradient.  Every boolean instance attribute named
+    ``checkpoint`` or ``use_checkpoint`` in the tree is set to ``False``.  (ldm's legacy ``AttentionBlock``
+    checkpoints unconditionally; SD's spatial-transformer UNets do not use it.)
+    """
+    saved: list[tuple[nn.Module, str, bool]] = []
+    try:
+        for module in model.modules():
+            for attr in _CHECKPOINT_FLAGS:
+                value = module.__dict__.get(attr)
+                if isinstance(value, bool):
+                    saved.append((module, attr, value))
+                    setattr(module, attr, False)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
