@@ -1,0 +1,379 @@
+"""The per-generation CLoRA engine: one `Composer` per generation, called once per model evaluation.
+
+Data flow of one call (the host glue supplies tensors and a model callable; nothing here knows the host)::
+
+    sampler x ──► [scheduled step?] gradient pass on the cond rows of every variant (one batched call, stopped
+                   after the last H/32 cross-attention layer) → contrastive loss → x updated in place
+                   (plus refinement iterations at a few steps)
+              ──► one batched call over all rows: [uncond × V variants, cond × V variants] with per-row LoRAs,
+                   capturing the cond rows' H/32 attention maps
+              ──► masks from those maps → masked average of the variants' predictions (uncond and cond alike)
+              ──► (fused uncond, fused cond) back to the host, which applies CFG.
+
+Row layout everywhere: variant-major, ``row = v * B + b`` for variant ``v`` (0 = base prompt) and image ``b``.
+
+Deliberate differences from the authors' pipeline (documented in the README):
+
+* The prediction used for fusion is computed *after* the latent update, on the updated latent (the authors fuse the
+  predictions of the last pass before the update).
+* Attention maps for the loss come from the cond rows only (the authors average cond and uncond rows together).
+* Gradient passes stop after the last H/32 layer; all variants share one UNet call.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .attention import AttentionCapture, no_checkpointing
+from .loss import concept_loss
+from .lora.rows import LoraRows, RowPlan
+from .masks import fuse, fusion_masks
+from .settings import CloraSettings
+from .update import latent_step
+
+__all__ = ["ComposePlan", "Composer", "StepRecord", "ModelFn", "mask_iou", "concept_iou", "build_compose_plan"]
+
+#: ``model(x_rows, sigma_rows, cond_rows) -> prediction_rows`` (x0 for k-diffusion, eps for eps-space samplers).
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ComposePlan:
+    """What the engine needs to know about the variants, independent of the host.
+
+    groups: concept k -> variant v -> token positions (the loss's positive sets).
+    mask_tokens: variant v -> token positions whose maps make that variant's mask (``[]`` for the base).
+    cond_loras: variant v -> ``[(lora_index, weight)]`` applied on that variant's cond rows.
+    uncond_loras: the same for the uncond rows.
+    """
+
+    groups: list[list[list[int]]]
+    mask_tokens: list[list[int]]
+    cond_loras: list[list[tuple[int, float]]]
+    uncond_loras: list[list[tuple[int, float]]]
+
+    @property
+    def n_variants(self) -> int:
+        return len(self.mask_tokens)
+
+    def __post_init__(self) -> None:
+        v = self.n_variants
+        if len(self.cond_loras) != v or len(self.uncond_loras) != v:
+            raise ValueError("ComposePlan: one LoRA list per variant is needed for cond and uncond rows")
+        for k, g in enumerate(self.groups):
+            if len(g) != v:
+                raise ValueError(f"ComposePlan: concept {k} lists {len(g)} variants, expected {v}")
+
+    def row_plan(self, batch: int, *, uncond: bool, cond: bool) -> RowPlan:
+        """The per-row LoRA plan for ``[uncond rows][cond rows]`` (either part optional), variant-major."""
+        rows: list[list[tuple[int, float]]] = []
+        for part, wanted in ((self.uncond_loras, uncond), (self.cond_loras, cond)):
+            if wanted:
+                for loras in part:
+                    rows.extend([list(loras)] * batch)
+        return RowPlan.from_lists(rows)
+
+
+@dataclass
+class StepRecord:
+    """What happened at one optimised step (for previews, tests and the runner's report)."""
+
+    step: int
+    sigma: float
+    loss_before: float
+    loss_after: Optional[float] = None
+    iterations: int = 1
+
+
+def mask_iou(masks: torch.Tensor, a: int, b: int) -> float:
+    """IoU of variant masks ``a`` and ``b`` in a ``(V, 1, H, W)`` or ``(B, V, 1, H, W)`` stack (mean over images)."""
+    if masks.dim() == 4:
+        masks = masks.unsqueeze(0)
+    ma, mb = masks[:, a] > 0.5, masks[:, b] > 0.5
+    inter = (ma & mb).flatten(1).sum(1).float()
+    union = (ma | mb).flatten(1).sum(1).float().clamp_min(1)
+    return float((inter / union).mean())
+
+
+def concept_iou(masks: torch.Tensor) -> float:
+    """Mean IoU over all pairs of concept masks (variants 1..V-1) of a (B, V, 1, H, W) stack; 0 for one concept."""
+    V = masks.shape[1]
+    pairs = [(a, b) for a in range(1, V) for b in range(a + 1, V)]
+    if not pairs:
+        return 0.0
+    return sum(mask_iou(masks, a, b) for a, b in pairs) / len(pairs)
+
+
+@dataclass
+class Composer:
+    """The CLoRA engine for one generation.  Create a new one per generation; it keeps no global state.
+
+    settings: validated `CloraSettings`.
+    plan: the `ComposePlan` built from the prompt variants and bindings.
+    rows: a `LoraRows` over the UNet's LoRA targets, *not entered*: the Composer enters it around each of its own
+          model calls and sets the row plan, so no hook outlives a call (success, error or interrupt).
+    capture: an `AttentionCapture` over the UNet, not entered either (same reason).
+    map_size: (h, w) of the attention maps used (H/32 × W/32 of the image for SD; settable for other models).
+    total_steps: the sampler's number of steps (fractions in the settings are taken of it).
+    space: ``"k"`` when ``x`` is k-diffusion's sampler-space tensor (x = z·sqrt(1+σ²)), ``"eps"`` when it is the
+           latent itself (DDIM/PLMS/UniPC in A1111).
+    should_stop: polled between refinement iterations; True stops the refinement (the host handles the interrupt).
+    """
+
+    settings: CloraSettings
+    plan: ComposePlan
+    rows: LoraRows
+    capture: AttentionCapture
+    map_size: tuple[int, int]
+    total_steps: int
+    space: str = "k"
+    should_stop: Callable[[], bool] = lambda: False
+    unet: Optional[torch.nn.Module] = None  # frozen and un-checkpointed during gradient passes (see `_grad_pass`)
+    batched: bool = True  # False: one model call per variant (for benchmarks; same results up to float rounding)
+    history: list[StepRecord] = field(default_factory=list)
+    last_maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) cond-row maps of the last call
+    last_masks: Optional[torch.Tensor] = None  # (B, V, 1, H, W) masks of the last call
+    mean_maps: Optional[torch.Tensor] = None  # running mean of the cond-row maps over calls
+    step_ious: list[tuple[int, float]] = field(default_factory=list)  # (step, mean pairwise IoU of concept masks)
+    fixed_masks: Optional[torch.Tensor] = None  # (B, V, 1, h, w): use these (resized) instead of new masks (hires pass)
+    _maps_seen: int = 0
+    _updated_steps: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        n = self.total_steps
+        self._optimise = set(self.settings.optimise_steps(n)) if self.settings.step_size > 0 else set()
+        self._refine = set(self.settings.refine_steps(n)) & self._optimise
+        self._mask_start = self.settings.mask_start_step(n)
+        if self.space not in ("k", "eps"):
+            raise ValueError(f"unknown sampler space {self.space!r}; expected 'k' or 'eps'")
+
+    # ------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        uncond: torch.Tensor,
+        conds: torch.Tensor,
+        model: ModelFn,
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one model evaluation with CLoRA: `update` (when scheduled), then `predict`.
+
+        x: (B, C, H, W), the sampler's own tensor; updated *in place* on scheduled steps (once per step, also for
+           second-order samplers that evaluate the model twice per step).
+        sigma: (B,) noise level (k-diffusion) or timestep (eps-space samplers).
+        uncond: (B, T, D) negative-prompt conditioning.  conds: (V, B, T, D) one conditioning per variant.
+        Returns the fused (uncond, cond) predictions, each (B, C, H, W).
+        """
+        self._check(x, uncond, conds)
+        self.update(x, sigma, conds, model, step)
+        return self.predict(x, sigma, uncond, conds, model, step)
+
+    def _check(self, x: torch.Tensor, uncond: Optional[torch.Tensor], conds: torch.Tensor) -> None:
+        V = self.plan.n_variants
+        if conds.shape[0] != V:
+            raise ValueError(f"expected {V} variant conditionings, got {conds.shape[0]}")
+        B = x.shape[0]
+        if conds.shape[1] != B or (uncond is not None and uncond.shape[0] != B):
+            raise ValueError("conditioning batch does not match the latent batch")
+        if uncond is not None and uncond.shape[1:] != conds.shape[2:]:
+            raise ValueError(
+                f"uncond and cond token counts differ ({uncond.shape[1]} vs {conds.shape[2]}); pad them to the same length"
+            )
+
+    def update(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int) -> bool:
+        """The contrastive latent update of ``x`` in place, if ``step`` is scheduled and not done yet. Returns whether it ran."""
+        self._check(x, None, conds)
+        if step in self._optimise and step not in self._updated_steps:
+            self._updated_steps.add(step)
+            self._optimise_latent(x, sigma, conds, model, step)
+            return True
+        return False
+
+    def predict(
+        self, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched call over every variant's uncond and cond rows, fused under the masks: (uncond, cond)."""
+        self._check(x, uncond, conds)
+        return self._fused_pass(x, sigma, uncond, conds, model, step)
+
+    def _per_variant_calls(self, x_in, sigma_in, cond_in, model, B):
+        """The fused pass as one model call per variant (uncond + cond rows of that variant), for comparison."""
+        V = self.plan.n_variants
+        full = self.rows.plan
+        out = torch.empty_like(x_in)
+        maps = None
+        for v in range(V):
+            idx = list(range(v * B, (v + 1) * B)) + list(range((V + v) * B, (V + v + 1) * B))
+            self.rows.plan = RowPlan.from_lists([full.rows[i] for i in idx])
+            self.capture.reset()
+            ix = torch.tensor(idx, device=x_in.device)
+            out[ix] = model(x_in[ix], sigma_in[ix], cond_in[ix])
+            m = self.capture.maps()
+            if maps is None:
+                maps = m.new_zeros((2 * V * B, *m.shape[1:]))
+            maps[ix] = m
+        self.rows.plan = full
+        return out, maps
+
+    @contextlib.contextmanager
+    def _gradient_mode(self):
+        """For a gradient pass: ldm checkpointing off (else the maps carry no gradient) and every UNet parameter's
+        ``requires_grad`` off (only the latent needs a gradient; it also lets a host merge LoRA weights in place
+        during the pass).  Both are restored exactly on exit."""
+        if self.unet is None:
+            yield
+            return
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with no_checkpointing(self.unet):
+                yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def _hooks(self):
+        """LoRA row hooks and attention capture for the duration of one model call, removed whatever happens."""
+        with self.rows, self.capture:
+            try:
+                yield
+            finally:
+                self.rows.plan = None
+
+    # ------------------------------------------------------------------------------------------------
+    def _loss_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps (B, V, h, w, T) -> summed per-image contrastive loss."""
+        losses = [
+            concept_loss(maps[b], self.plan.groups, temperature=self.settings.temperature) for b in range(maps.shape[0])
+        ]
+        return torch.stack(losses).sum()
+
+    def _variant_maps(self, flat: torch.Tensor, batch: int) -> torch.Tensor:
+        """(V*B, h, w, T) variant-major rows -> (B, V, h, w, T)."""
+        V = self.plan.n_variants
+        return flat.reshape(V, batch, *flat.shape[1:]).transpose(0, 1)
+
+    def _grad_pass(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn):
+        V, B = conds.shape[:2]
+        with self._hooks(), self._gradient_mode(), torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x_in = xg.repeat(V, *([1] * (x.dim() - 1)))
+            sigma_in = sigma.repeat(V)
+            cond_in = conds.reshape(V * B, *conds.shape[2:])
+            self.rows.plan = self.plan.row_plan(B, uncond=False, cond=True)
+            self.capture.reset()
+            self.capture.configure(size=self.map_size, grad=True, stop_after_last=True)
+            self.capture.run(model, x_in, sigma_in, cond_in)
+            maps = self._variant_maps(self.capture.maps(), B)
+            loss = self._loss_from_maps(maps)
+            (grad,) = torch.autograd.grad(loss, xg)
+        self.capture.reset()
+        return float(loss.detach()), grad
+
+    def _optimise_latent(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int):
+        iters = 1 + (self.settings.refine_iters if step in self._refine else 0)
+        record = StepRecord(step=step, sigma=float(sigma.flatten()[0]), loss_before=float("nan"), iterations=0)
+        for i in range(iters):
+            if i > 0 and self.should_stop():
+                break
+            loss, grad = self._grad_pass(x, sigma, conds, model)
+            if i == 0:
+                record.loss_before = loss
+            new_x = latent_step(x, grad, self.settings.step_size, sigma=sigma, space=self.space)
+            x.copy_(new_x)
+            record.iterations += 1
+        self.history.append(record)
+
+    def _fused_pass(self, x, sigma, uncond, conds, model, step):
+        V, B = conds.shape[:2]
+        reps = [1] * (x.dim() - 1)
+        x_in = x.detach().repeat(2 * V, *reps)
+        sigma_in = sigma.repeat(2 * V)
+        cond_in = torch.cat([uncond.repeat(V, 1, 1), conds.reshape(V * B, *conds.shape[2:])])
+        with self._hooks(), torch.no_grad():
+            self.rows.plan = self.plan.row_plan(B, uncond=True, cond=True)
+            self.capture.reset()
+            self.capture.configure(size=self.map_size, grad=False, stop_after_last=False)
+            if self.batched:
+                out = model(x_in, sigma_in, cond_in)
+                flat_maps = self.capture.maps()
+            else:
+                out, flat_maps = self._per_variant_calls(x_in, sigma_in, cond_in, model, B)
+            self.capture.reset()
+        maps = self._variant_maps(flat_maps[V * B :], B)  # cond rows
+
+        if self.history and self.history[-1].step == step and self.history[-1].loss_after is None:
+            # the cond rows carry the same LoRAs as in the gradient pass, so these maps give the loss after the update
+            self.history[-1].loss_after = float(self._loss_from_maps(maps))
+
+        if self.fixed_masks is not None:
+            fm = self.fixed_masks.flatten(0, 1).float()
+            masks = torch.nn.functional.interpolate(fm, size=tuple(x.shape[-2:]), mode="nearest")
+            masks = masks.reshape(*self.fixed_masks.shape[:3], *x.shape[-2:]).to(x.device)
+        else:
+            masks = fusion_masks(
+                maps,
+                self.plan.mask_tokens,
+                threshold=self.settings.mask_threshold,
+                morphology=self.settings.mask_morphology,
+                size=tuple(x.shape[-2:]),
+            )  # (B, V, 1, H, W)
+        if step < self._mask_start:
+            masks = torch.ones_like(masks)
+        self.last_maps = maps.detach()
+        self.last_masks = masks.detach()
+        self.step_ious.append((step, concept_iou(masks)))
+        self._maps_seen += 1
+        if self.mean_maps is None or self.mean_maps.shape != maps.shape:
+            self.mean_maps = maps.detach().clone()
+            self._maps_seen = 1
+        else:
+            self.mean_maps += (maps.detach() - self.mean_maps) / self._maps_seen
+
+        preds_u = out[: V * B].reshape(V, B, *out.shape[1:])
+        preds_c = out[V * B :].reshape(V, B, *out.shape[1:])
+        m = masks.transpose(0, 1).to(out.dtype)  # (V, B, 1, H, W)
+        return fuse(preds_u, m), fuse(preds_c, m)
+
+
+def build_compose_plan(
+    groups: Sequence[Sequence[Sequence[int]]],
+    mask_tokens: Sequence[Sequence[int]],
+    settings: CloraSettings,
+) -> ComposePlan:
+    """Per-variant LoRA lists from the settings: binding k is LoRA index k (variant k+1); style s is index K+s.
+
+    A "whole" style LoRA goes on every variant's rows (base included); a "subjects" style LoRA only on the variants
+    of the bindings whose subjects it names.  The uncond rows carry the same LoRAs when ``lora_on_uncond`` is set
+    (the authors' behaviour), else only the style LoRAs.
+    """
+    K = len(settings.bindings)
+    V = K + 1
+    cond: list[list[tuple[int, float]]] = [[] for _ in range(V)]
+    styles: list[list[tuple[int, float]]] = [[] for _ in range(V)]
+    for k, b in enumerate(settings.bindings):
+        cond[k + 1].append((k, float(b.weight)))
+    for s, style in enumerate(settings.styles):
+        idx = K + s
+        if style.mode == "whole":
+            targets = range(V)
+        else:
+            named = {w.lower() for w in style.subjects}
+            targets = [k + 1 for k, b in enumerate(settings.bindings) if named & {w.lower() for w in b.subjects}]
+        for v in targets:
+            styles[v].append((idx, float(style.weight)))
+    cond_rows = [c + s for c, s in zip(cond, styles)]
+    uncond_rows = cond_rows if settings.lora_on_uncond else styles
+    return ComposePlan(
+        groups=[[list(t) for t in g] for g in groups],
+        mask_tokens=[list(t) for t in mask_tokens],
+        cond_loras=cond_rows,
+        uncond_loras=[list(r) for r in uncond_rows],
+    )

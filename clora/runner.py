@@ -1,0 +1,318 @@
+"""Standalone CLoRA generation on an SD1.x single-file checkpoint through ``ldm`` + ``k-diffusion``.
+
+This is how users script CLoRA without a WebUI and how the project benchmarks it::
+
+    python -m clora generate --ckpt model.safetensors --prompt "a cat and a dog" \\
+        --lora loras/cat.safetensors --lora loras/dog.safetensors \\
+        --bind cat=cat:sks --bind dog=dog:sks --steps 30 --out out.png
+
+ldm, k-diffusion and omegaconf are imported lazily here (never by the rest of ``clora``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .attention import AttentionCapture
+from .compose import Composer, StepRecord, build_compose_plan
+from .lora.files import check_family, load_lora
+from .lora.keymap import resolve
+from .lora.rows import LoraRows, RowPlan
+from .lora.types import LoraError, LoraFile
+from .prompts import HFPromptTokenizer, build_variants
+from .settings import CloraSettings
+
+__all__ = ["SAMPLERS", "LoadedModel", "load_model", "generate", "GenerationResult", "RunnerError"]
+
+SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras")
+
+
+class RunnerError(ValueError):
+    """Bad input to the standalone runner; the message is for the user."""
+
+
+@dataclass
+class LoadedModel:
+    """An ldm ``LatentDiffusion`` (or any model with the same interface) plus what CLoRA needs to drive it.
+
+    map_downscale: latent pixels per attention-map cell (4 for SD: H/32 maps over an H/8 latent).
+    family: "sd1" for the models the runner loads.
+    """
+
+    model: torch.nn.Module
+    family: str = "sd1"
+    map_downscale: int = 4
+    latent_channels: int = 4
+    latent_factor: int = 8  # image pixels per latent pixel (1 for pixel-space models)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.model.diffusion_model
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        return self.model.cond_stage_model.transformer
+
+    def tokenizer(self):
+        return HFPromptTokenizer(self.model.cond_stage_model.tokenizer)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.model.get_learned_conditioning(list(prompts))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_first_stage(latent)
+
+    def denoiser(self):
+        import k_diffusion as K
+
+        return K.external.CompVisDenoiser(self.model)
+
+
+def unet_family(unet: torch.nn.Module) -> str:
+    """Model family from the UNet's cross-attention context width (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_k") and isinstance(mod, torch.nn.Linear):
+            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(mod.in_features, "unknown")
+    return "unknown"
+
+
+def load_model(checkpoint: str | Path, config: str | Path | None = None, device: str = "cpu") -> LoadedModel:
+    """Load an SD1.x single-file checkpoint (``.safetensors``) with its yaml (``<stem>.yaml`` beside it by default)."""
+    from ._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from ldm.util import instantiate_from_config
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix != ".safetensors":
+        raise RunnerError(f"{checkpoint.name}: only .safetensors checkpoints are loaded (no pickle files)")
+    if config is None:
+        config = checkpoint.with_suffix(".yaml")
+        if not config.exists():
+            config = Path(__file__).parent / "configs" / "v1-inference.yaml"
+    cfg = OmegaConf.load(str(config))
+    model = instantiate_from_config(cfg.model)
+    state = load_file(str(checkpoint))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise RunnerError(f"{checkpoint.name}: {len(missing)} model weights missing from the checkpoint (e.g. {missing[:3]})")
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    family = unet_family(model.model.diffusion_model)
+    if family not in ("sd1", "unknown"):
+        raise RunnerError(f"{checkpoint.name}: the standalone runner supports SD 1.x models; this one looks like {family}")
+    return LoadedModel(model=model, family=family)
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    latent: torch.Tensor
+    settings: CloraSettings
+    history: list[StepRecord] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    masks: Optional[torch.Tensor] = None  # (B, V, 1, h, w) last step's masks
+    step_ious: list = field(default_factory=list)  # (step, mean pairwise IoU of the concept masks) per model call
+    maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) mean cond-row maps over steps
+    seconds: float = 0.0
+
+    def report(self) -> dict:
+        return {
+            "prompts": self.prompts,
+            "settings": self.settings.to_json(),
+            "seconds": round(self.seconds, 3),
+            "steps": [
+                {"step": r.step, "sigma": r.sigma, "loss_before": r.loss_before, "loss_after": r.loss_after,
+                 "iterations": r.iterations}
+                for r in self.history
+            ],
+        }
+
+
+def _sigmas(denoiser, sampler: str, steps: int) -> torch.Tensor:
+    import k_diffusion as K
+
+    if sampler.endswith("_karras"):
+        return K.sampling.get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device="cpu")
+    return denoiser.get_sigmas(steps)
+
+
+def _sample_fn(sampler: str) -> Callable:
+    import k_diffusion as K
+
+    table = {
+        "euler": K.sampling.sample_euler,
+        "euler_a": K.sampling.sample_euler_ancestral,
+        "heun": K.sampling.sample_heun,
+        "dpmpp_2m": K.sampling.sample_dpmpp_2m,
+        "dpmpp_2m_karras": K.sampling.sample_dpmpp_2m,
+        "dpmpp_sde_karras": K.sampling.sample_dpmpp_sde,
+    }
+    if sampler not in table:
+        raise RunnerError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return table[sampler]
+
+
+class _StepIndex:
+    """Maps the sigma a sampler passes to its step index; intermediate (second-order) sigmas keep the last index."""
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas
+        self.last = 0
+
+    def __call__(self, sigma: torch.Tensor) -> int:
+        s = float(sigma.flatten()[0])
+        hits = torch.nonzero(torch.isclose(self.sigmas[:-1], torch.tensor(s, dtype=self.sigmas.dtype), rtol=1e-6, atol=0))
+        if len(hits):
+            self.last = int(hits[0])
+        return self.last
+
+
+def _resolve_loras(lm: LoadedModel, paths: Sequence[str | Path]) -> dict[str, LoraFile]:
+    loras: dict[str, LoraFile] = {}
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise LoraError(f"LoRA file not found: {path}")
+        lora = load_lora(path)
+        check_family(lora, lm.family)
+        loras[lora.name] = lora
+    return loras
+
+
+def _targets(lm: LoadedModel, ordered: Sequence[LoraFile]):
+    """LoRA targets split by component: (unet targets, text targets) as (module, lora_index, LoraModule)."""
+    unet_t, text_t = [], []
+    for idx, lora in enumerate(ordered):
+        res = resolve(lora, unet=lm.unet, text_model=lm.text_model)
+        for component, _path, module, lmod in res.targets:
+            (unet_t if component == "unet" else text_t).append((module, idx, lmod))
+    return unet_t, text_t
+
+
+def generate(
+    lm: LoadedModel,
+    prompt: str,
+    settings: CloraSettings,
+    loras: Sequence[str | Path] = (),
+    negative: str = "",
+    sampler: str = "euler",
+    steps: int = 20,
+    cfg_scale: float = 7.0,
+    seed: int = 0,
+    width: int = 512,
+    height: int = 512,
+    batch_size: int = 1,
+    progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+    batched: bool = True,
+) -> GenerationResult:
+    """Generate with CLoRA (or plainly, when ``settings.enabled`` is False: then exactly plain k-diffusion sampling)."""
+    import k_diffusion as K
+
+    t0 = time.perf_counter()
+    settings.validate()
+    sample = _sample_fn(sampler)
+    f = lm.latent_factor
+    if width % (f * lm.map_downscale) or height % (f * lm.map_downscale):
+        raise RunnerError(f"width and height must be multiples of {f * lm.map_downscale}")
+    denoiser = lm.denoiser()
+    sigmas = _sigmas(denoiser, sampler, steps)
+    shape = (batch_size, lm.latent_channels, height // f, width // f)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * sigmas[0]
+    dev = next(lm.unet.parameters()).device
+    x = x.to(dev)
+
+    active = settings.enabled and len(settings.bindings) > 0
+    with torch.no_grad():
+        uncond = lm.encode([negative] * batch_size)
+
+    if not active:
+        with torch.no_grad():
+            cond = lm.encode([prompt] * batch_size)
+
+        def cfg_denoise(x_, sigma_, **_):
+            x_in = torch.cat([x_] * 2)
+            s_in = torch.cat([sigma_] * 2)
+            out = denoiser(x_in, s_in, cond=torch.cat([uncond, cond]))
+            u, c = out.chunk(2)
+            return u + (c - u) * cfg_scale
+
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            latent = sample(cfg_denoise, x, sigmas, disable=not progress)
+        images = _to_images(lm, latent)
+        return GenerationResult(images=images, latent=latent, settings=settings, prompts=[prompt],
+                                seconds=time.perf_counter() - t0)
+
+    # --- CLoRA ---------------------------------------------------------------------------------------
+    by_name = _resolve_loras(lm, loras)
+    names = [b.lora for b in settings.bindings] + [s.lora for s in settings.styles]
+    for n in names:
+        if n not in by_name:
+            raise LoraError(f"LoRA '{n}' not found (given: {', '.join(sorted(by_name)) or 'none'})")
+    ordered = [by_name[n] for n in names]
+    variants = build_variants(prompt, settings.bindings, lm.tokenizer())
+    if max((p for g in variants.groups for v in g for p in v), default=0) >= 77:
+        raise RunnerError("the standalone runner encodes one 75-token chunk; shorten the prompt")
+    plan = build_compose_plan(variants.groups, variants.mask_tokens, settings)
+    unet_targets, text_targets = _targets(lm, ordered)
+
+    # Each variant's prompt is encoded with its own LoRAs' text-encoder parts, all variants in one call.
+    te_rows = []
+    for v in range(plan.n_variants):
+        row = []
+        for idx, w in plan.cond_loras[v]:
+            b = settings.bindings[idx] if idx < len(settings.bindings) else None
+            te_w = b.te_weight if (b is not None and b.te_weight is not None) else w
+            row.append((idx, te_w))
+        te_rows.append(row)
+    with LoraRows(text_targets) as te, torch.no_grad():
+        te.plan = RowPlan.from_lists(te_rows)
+        enc = lm.encode(variants.prompts)  # (V, T, D)
+    conds = enc.unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
+
+    h, w = shape[-2] // lm.map_downscale, shape[-1] // lm.map_downscale
+    index = _StepIndex(sigmas)
+
+    def model_fn(x_rows, sigma_rows, cond_rows):
+        return denoiser(x_rows, sigma_rows, cond=cond_rows)
+
+    # The Composer enters the LoRA row hooks and the attention capture around each of its own model calls.
+    composer = Composer(
+        settings=settings, plan=plan, rows=LoraRows(unet_targets), capture=AttentionCapture(lm.unet), unet=lm.unet,
+        map_size=(h, w), total_steps=steps, space="k", should_stop=should_stop, batched=batched,
+    )
+
+    def clora_denoise(x_, sigma_, **_):
+        u, c = composer(x_, sigma_, uncond, conds, model_fn, index(sigma_))
+        return u + (c - u) * cfg_scale
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        latent = sample(clora_denoise, x, sigmas, disable=not progress)
+    images = _to_images(lm, latent)
+    return GenerationResult(
+        images=images, latent=latent, settings=settings, history=list(composer.history), prompts=variants.prompts,
+        masks=composer.last_masks, maps=composer.mean_maps, step_ious=list(composer.step_ious), seconds=time.perf_counter() - t0,
+    )
+
+
+def _to_images(lm: LoadedModel, latent: torch.Tensor) -> list:
+    from PIL import Image
+
+    with torch.no_grad():
+        img = lm.decode(latent)
+    img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in img]
