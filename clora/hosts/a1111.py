@@ -1,0 +1,401 @@
+"""AUTOMATIC1111 WebUI glue (v1.8.0, and the 1.9/1.10 APIs it shares).  The only module that imports ``modules.*``,
+always lazily inside functions, so importing it outside a WebUI is harmless.
+
+How CLoRA rides on A1111's sampling (everything per generation; nothing outlives it):
+
+* ``before_process_batch``: ``<lora:…>`` tags of bound LoRAs are removed from the batch's prompts, so the host's
+  LoRA code never merges them (the infotext says so).  Unbound tags keep working on every row.
+* ``process_batch``: the LoRA files, prompt variants and plan are prepared; then ``p.sample`` (an attribute of this
+  generation's ``p`` only) is replaced by a wrapper.  A problem found here (word not in prompt, LoRA missing…) makes
+  that wrapper raise `CloraError`, so the UI and the API show the message instead of a silently ignored binding.
+* The wrapper encodes every variant's prompt with only its LoRA's text-encoder part (forward hooks entered and
+  removed around the encode), then runs the host's own ``sample`` while ``CFGDenoiser.forward`` is wrapped — a
+  class attribute replaced in a ``try/finally`` that spans exactly this call, so it is restored on success, error
+  and interrupt.  The wrapped forward (a) performs the contrastive latent update in place on the sampler's own
+  ``x`` and (b) calls the host's forward with the denoiser's ``model_wrap`` swapped (for that call only) for an
+  interceptor that replaces the base cond/uncond predictions with CLoRA's fused ones; the host then does CFG.
+* LoRA row hooks and attention capture are entered by the Composer around each of its UNet calls and removed at
+  once; weights are never written.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..attention import AttentionCapture
+from ..compose import Composer, build_compose_plan
+from ..lora.files import check_family, load_lora
+from ..lora.keymap import resolve
+from ..lora.rows import LoraRows, RowPlan
+from ..lora.types import LoraError, LoraFile
+from ..prompts import PromptError, build_variants
+from ..settings import CloraSettings, SettingsError
+from .common import CloraError, RunReport, pad_tokens, rows_cond, step_from_calls, strip_lora_tags
+
+__all__ = ["is_available", "A1111Tokenizer", "A1111Host", "A1111Run"]
+
+_RUN_ATTR = "_clora_run"
+
+
+def is_available() -> bool:
+    """True inside an A1111-style WebUI (CFGDenoiser with the 1.6+ forward signature) that is not Forge."""
+    try:
+        m = importlib.import_module("modules.sd_samplers_cfg_denoiser")
+    except Exception:
+        return False
+    if importlib.util.find_spec("backend") is not None and importlib.util.find_spec("backend.patcher") is not None:
+        return False  # Forge keeps its own sampling function; see hosts/forge.py
+    return hasattr(m, "CFGDenoiser") and hasattr(m.CFGDenoiser, "forward")
+
+
+class A1111Tokenizer:
+    """`clora.prompts.PromptTokenizer` over A1111's ``FrozenCLIPEmbedderWithCustomWords``: the host's own emphasis
+    parsing, BREAK, comma back-tracking and 75-token chunking decide the token positions."""
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    def chunks(self, prompt: str) -> list[list[int]]:
+        chunks, _count = self.clip.tokenize_line(prompt)
+        out = []
+        end = getattr(self.clip, "id_end", None)
+        pad = getattr(self.clip, "id_pad", end)
+        for ch in chunks:
+            toks = list(ch.tokens[1:-1])  # BOS ... EOS
+            while toks and toks[-1] in (end, pad):
+                toks.pop()
+            out.append(toks)
+        return out
+
+    def word_ids(self, text: str) -> list[int]:
+        return list(self.clip.tokenize([text])[0])
+
+
+def _lora_index():
+    """The built-in Lora extension's ``networks`` module (it lives on sys.path as a top-level module)."""
+    mod = sys.modules.get("networks")
+    if mod is None or not hasattr(mod, "available_network_aliases"):
+        try:
+            mod = importlib.import_module("networks")
+        except Exception:
+            return None
+    return mod
+
+
+def list_loras() -> list[str]:
+    net = _lora_index()
+    if net is None:
+        return []
+    return sorted(net.available_networks.keys(), key=str.lower)
+
+
+def find_lora_file(name: str) -> Path:
+    net = _lora_index()
+    if net is None:
+        raise LoraError("the WebUI's built-in Lora extension is not loaded, so LoRA names cannot be looked up")
+    entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
+    if entry is None:
+        net.list_available_networks()
+        entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
+    if entry is None:
+        raise LoraError(f"LoRA '{name}' not found in the LoRA folder (refresh the list, or check the name)")
+    return Path(entry.filename)
+
+
+def _model_family(sd_model) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", True):
+        return "sd1"
+    return "unknown"
+
+
+def _text_model(sd_model) -> torch.nn.Module:
+    """The HF CLIPTextModel inside A1111's hijacked embedder (``cond_stage_model.wrapped.transformer``)."""
+    cs = sd_model.cond_stage_model
+    for obj in (getattr(cs, "wrapped", None), cs):
+        tr = getattr(obj, "transformer", None) if obj is not None else None
+        if tr is not None and hasattr(tr, "text_model"):
+            return tr
+    raise CloraError("CLoRA could not find the text encoder of this model (only SD 1.x CLIP models are supported)")
+
+
+def check_gradients_possible(sd_model) -> None:
+    """Modes that cannot take a backward pass through the UNet get a clear message."""
+    from modules import shared
+
+    opts = shared.cmd_opts
+    if getattr(opts, "lowvram", False) or getattr(opts, "medvram", False):
+        raise CloraError(
+            "CLoRA needs a gradient pass through the UNet, which --lowvram/--medvram (modules moved during the "
+            "forward pass) cannot do. Start the WebUI without them to use CLoRA."
+        )
+    try:
+        from modules import sd_unet
+
+        if getattr(sd_unet, "current_unet", None) is not None:
+            raise CloraError(
+                f"CLoRA cannot run with a custom UNet ({type(sd_unet.current_unet).__name__}, e.g. TensorRT): it needs "
+                "the PyTorch UNet for gradients. Set 'SD Unet' to None to use CLoRA."
+            )
+    except ImportError:
+        pass
+    if getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn") not in ("crossattn", "hybrid"):
+        raise CloraError("CLoRA supports text-to-image SD 1.x models; this model's conditioning is not supported")
+
+
+@dataclass
+class A1111Run:
+    """Everything CLoRA holds for one batch of one generation."""
+
+    p: Any
+    settings: CloraSettings
+    error: Optional[Exception] = None
+    report: RunReport = field(default_factory=RunReport)
+    composer: Optional[Composer] = None
+    hr_masks: Optional[torch.Tensor] = None
+
+    # ---------------------------------------------------------------------------------------------- prepare
+    def prepare(self) -> None:
+        """Load and check everything; any problem is kept in ``self.error`` and raised when sampling starts."""
+        try:
+            self._prepare()
+        except (CloraError, LoraError, PromptError, SettingsError, ValueError) as exc:
+            self.error = exc
+
+    def _prepare(self) -> None:
+        p, s = self.p, self.settings
+        s.validate()
+        sd_model = p.sd_model
+        family = _model_family(sd_model)
+        if family != "sd1":
+            raise CloraError(f"CLoRA supports SD 1.x models for now; the loaded model is {family.upper()}")
+        check_gradients_possible(sd_model)
+        prompts = list(p.prompts)
+        if len(set(prompts)) > 1:
+            raise CloraError("CLoRA needs the same prompt for every image of a batch; use Batch count instead of Batch size")
+        from modules import prompt_parser
+
+        # Token positions are taken on the prompt as it reads at the last step (prompt editing resolved).
+        schedule = prompt_parser.get_learned_conditioning_prompt_schedules([prompts[0]], p.steps)[0]
+        self.prompt = schedule[-1][1]
+        self.tokenizer = A1111Tokenizer(sd_model.cond_stage_model)
+        self.variants = build_variants(self.prompt, s.bindings, self.tokenizer)
+        self.plan = build_compose_plan(self.variants.groups, self.variants.mask_tokens, s)
+
+        names = [b.lora for b in s.bindings] + [st.lora for st in s.styles]
+        self.loras: list[LoraFile] = []
+        for n in names:
+            lora = load_lora(find_lora_file(n))
+            check_family(lora, family)
+            self.loras.append(lora)
+        self.unet = sd_model.model.diffusion_model
+        self.text = _text_model(sd_model)
+        unet_t, text_t = [], []
+        for idx, lora in enumerate(self.loras):
+            res = resolve(lora, unet=self.unet, text_model=self.text)
+            for component, _path, module, lmod in res.targets:
+                (unet_t if component == "unet" else text_t).append((module, idx, lmod))
+            self.report.notes.append(f"{lora.name}: {res.matched}/{res.total} modules")
+        self.unet_rows = LoraRows(unet_t)
+        self.text_targets = text_t
+        self.capture = AttentionCapture(self.unet)
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def encode_variants(self, steps: int) -> None:
+        """Each variant's prompt through the text encoder with only its own LoRAs' text-encoder parts."""
+        from modules import prompt_parser
+
+        B = len(self.p.prompts)
+        self.variant_schedules = []
+        for v, prompt in enumerate(self.variants.prompts):
+            te_loras = []
+            for idx, w in self.plan.cond_loras[v]:
+                b = self.settings.bindings[idx] if idx < len(self.settings.bindings) else None
+                te_loras.append((idx, b.te_weight if b is not None and b.te_weight is not None else w))
+            # One call encodes the prompt's schedule (prompt editing gives several texts): one row per text.
+            n_texts = len(prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0])
+            with LoraRows(self.text_targets) as te:
+                te.plan = RowPlan.from_lists([te_loras] * n_texts)
+                schedule = prompt_parser.get_learned_conditioning(self.p.sd_model, [prompt], steps)
+            self.variant_schedules.append(schedule * B)
+
+    def variant_conds(self, step: int, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, B, T, D) variant conditionings at ``step`` and the uncond padded to the same T."""
+        from modules import prompt_parser
+
+        conds = [prompt_parser.reconstruct_cond_batch(c, step) for c in self.variant_schedules]
+        empty = getattr(self.p.sd_model, "cond_stage_model_empty_prompt", None)
+        padded = pad_tokens(conds + [uncond], empty)
+        return torch.stack(padded[:-1]), padded[-1]
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def sample(self, original_sample: Callable, *args, **kwargs):
+        """Replacement for this generation's ``p.sample``."""
+        if self.error is not None:
+            raise CloraError(f"CLoRA: {self.error}") from self.error
+        from modules import sd_samplers_cfg_denoiser as cfgmod
+
+        with torch.no_grad():
+            self.encode_variants(self.p.steps)
+        cls = cfgmod.CFGDenoiser
+        original_forward = cls.__dict__["forward"]
+        run = self
+
+        def forward(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+            return run.forward(denoiser, original_forward, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+
+        cls.forward = forward
+        try:
+            return original_sample(*args, **kwargs)
+        finally:
+            cls.forward = original_forward
+
+    def _should_stop(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    def forward(self, denoiser, original_forward, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        from modules import prompt_parser
+
+        p = self.p
+        if self._should_stop():
+            return original_forward(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        hires = bool(getattr(p, "is_hr_pass", False))
+        if hires and self.composer is None:
+            return original_forward(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        if hires and getattr(p, "hr_prompt", "") not in ("", p.prompt):
+            self.report.notes.append("hires pass ran without CLoRA (its prompt differs)")
+            return original_forward(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+
+        steps = denoiser.steps or p.steps
+        step = step_from_calls(denoiser.step, steps, denoiser.total_steps)
+        uncond_t = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
+        if isinstance(uncond_t, dict):
+            raise CloraError("CLoRA supports SD 1.x conditioning only")
+        conds, uncond_t = self.variant_conds(denoiser.step, uncond_t)
+        conds = conds.to(x.device)
+        real = denoiser.inner_model
+        B = x.shape[0]
+
+        def model_fn(x_rows, sigma_rows, cond_rows):
+            idx = torch.arange(x_rows.shape[0], device=x_rows.device) % B
+            c = {"c_crossattn": [cond_rows], "c_concat": [image_cond.index_select(0, idx.to(image_cond.device))]}
+            return real(x_rows, sigma_rows, cond=c)
+
+        if self.composer is None or (hires and self.composer.map_size != self._map_size(x)):
+            self.composer = self._make_composer(x, steps, denoiser, hires)
+        composer = self.composer
+        if not hires:
+            composer.update(x, sigma, conds, model_fn, step)
+
+        interceptor = _Interceptor(real, composer, x, sigma, uncond_t, conds, model_fn, step, B)
+        # model_wrap is a registered child module of the denoiser: swap the entry itself (nn.Module.__setattr__
+        # would refuse a non-module), for exactly this call.
+        slots = denoiser._modules if "model_wrap" in denoiser._modules else denoiser.__dict__
+        saved = slots["model_wrap"]
+        slots["model_wrap"] = interceptor
+        try:
+            return original_forward(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        finally:
+            slots["model_wrap"] = saved
+
+    def _map_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
+
+    def _make_composer(self, x, steps, denoiser, hires: bool) -> Composer:
+        from modules import sd_samplers_cfg_denoiser as cfgmod
+
+        eps_space = type(denoiser).get_pred_x0 is not cfgmod.CFGDenoiser.get_pred_x0
+        settings = self.settings
+        composer = Composer(
+            settings=settings, plan=self.plan, rows=self.unet_rows, capture=self.capture, unet=self.unet, map_size=self._map_size(x),
+            total_steps=steps, space="eps" if eps_space else "k", should_stop=self._should_stop,
+        )
+        if hires and self.composer is not None and self.composer.last_masks is not None:
+            composer.fixed_masks = self.composer.last_masks  # upsampled first-pass masks; no optimisation
+        return composer
+
+
+class _Interceptor:
+    """Stands in for the denoiser's ``model_wrap`` during one host forward: base rows in, fused rows out."""
+
+    def __init__(self, real, composer, x, sigma, uncond, conds, model_fn, step, batch):
+        self.real, self.composer, self.x, self.sigma = real, composer, x, sigma
+        self.uncond, self.conds, self.model_fn, self.step, self.B = uncond, conds, model_fn, step, batch
+        self.cached_uncond: Optional[torch.Tensor] = None
+
+    def __getattr__(self, name):  # anything else (sigma tables, ...) comes from the real model wrapper
+        if name == "real":
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
+    def __call__(self, x_in, sigma_in, cond=None, **kwargs):
+        B = self.B
+        n = x_in.shape[0]
+        if self.cached_uncond is not None and n == B:
+            out, self.cached_uncond = self.cached_uncond, None
+            return out
+        u, c = self.composer.predict(self.x, self.sigma, self.uncond, self.conds, self.model_fn, self.step)
+        if n == 2 * B:
+            return torch.cat([c, u]).to(x_in.dtype)
+        if n == B:
+            self.cached_uncond = u.to(x_in.dtype)
+            return c.to(x_in.dtype)
+        raise CloraError("CLoRA does not support AND-composed prompts")
+
+
+class A1111Host:
+    """What the AlwaysOn script calls; one instance per script object, holding no generation state."""
+
+    name = "a1111"
+
+    def lora_names(self) -> list[str]:
+        return list_loras()
+
+    def trigger_words(self, name: str) -> list[str]:
+        try:
+            return load_lora(find_lora_file(name)).trigger_words
+        except LoraError:
+            return []
+
+    def before_process_batch(self, p, settings: CloraSettings) -> None:
+        if not settings.enabled or not settings.bindings:
+            return
+        names = [b.lora for b in settings.bindings] + [s.lora for s in settings.styles]
+        removed_all: list[str] = []
+        new_prompts = []
+        for prompt in p.prompts:
+            new, removed = strip_lora_tags(prompt, names)
+            new_prompts.append(new)
+            removed_all.extend(removed)
+        p.prompts = new_prompts
+        if removed_all:
+            p.extra_generation_params["CLoRA note"] = "bound LoRA tags applied by CLoRA only: " + " ".join(
+                sorted(set(removed_all))
+            )
+
+    def process_batch(self, p, settings: CloraSettings) -> None:
+        if not settings.enabled or not settings.bindings:
+            return
+        run = A1111Run(p=p, settings=settings)
+        run.prepare()
+        setattr(p, _RUN_ATTR, run)
+        original = p.sample  # bound method of this p
+        p.sample = lambda *a, **kw: run.sample(original, *a, **kw)
+
+    def postprocess_batch(self, p) -> None:
+        if "sample" in getattr(p, "__dict__", {}):
+            del p.sample
+
+    def run_of(self, p) -> Optional[A1111Run]:
+        return getattr(p, _RUN_ATTR, None)

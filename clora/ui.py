@@ -1,0 +1,715 @@
+"""The CLoRA accordion of the WebUI (A1111 / Forge) and the one conversion between its arguments and `CloraSettings`.
+
+Two halves:
+
+* gradio-free (importable anywhere, used by the script, the API and the tests): `ARG_NAMES`, `args_to_settings`,
+  `settings_to_args`, `is_enabled`, `apply_overrides`, `paste_value`;
+* `build_ui`, which imports gradio (and, when present, the WebUI's ``modules.ui_components``) inside the function.
+
+The positional arguments
+------------------------
+The script's arguments are the components returned by `build_ui`, in exactly the order of `ARG_NAMES` (this order is
+the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only append)::
+
+    enabled,
+    b1_lora, b1_subjects, b1_triggers, b1_weight, b1_te_weight,   ... up to b8_...   (MAX_BINDINGS rows)
+    s1_lora, s1_weight, s1_mode, s1_subjects,                      ... up to s4_...   (MAX_STYLES rows)
+    step_size, opt_end, refine_at, refine_iters, temperature, mask_threshold, mask_morphology, mask_start,
+    lora_on_uncond, show_previews
+
+* a LoRA value of ``""``, ``"None"`` or ``None`` means "no LoRA";
+* a binding or style row whose text fields are all empty is skipped (rows may be left blank anywhere);
+* subjects: several words/phrases separated by ``|`` (``"cat | kitten"``);
+* ``te_weight``: a number, or empty for "same as the weight";
+* style mode: ``"whole"`` / ``"subjects"`` (the labels ``"whole image"`` / ``"these subjects"`` are accepted too);
+* ``refine_at``: comma-separated fractions of the steps (empty or ``none``: no refinement).
+
+Instead of the positional list, the API may pass the named JSON form (`CloraSettings.to_json`) as the *first*
+argument: ``"args": [{"enabled": true, "bindings": [...]}]``; the remaining positions (filled by the WebUI with the
+UI defaults) are then ignored.  Unknown keys are errors.
+
+Which rows are visible in the UI is UI state only (hidden counters, not arguments); hiding a row clears it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from .settings import (
+    MAX_BINDINGS,
+    MAX_REFINE_POINTS,
+    MAX_STYLES,
+    MORPHOLOGIES,
+    REFINE_ITERS_MAX,
+    STEP_SIZE_MAX,
+    SUBJECT_SEPARATOR,
+    TEMPERATURE_MAX,
+    WEIGHT_RANGE,
+    Binding,
+    CloraSettings,
+    SettingsError,
+    StyleLora,
+)
+
+__all__ = [
+    "ARG_NAMES",
+    "BINDING_FIELDS",
+    "STYLE_FIELDS",
+    "OPTION_FIELDS",
+    "NO_LORA",
+    "STYLE_MODE_LABELS",
+    "args_to_settings",
+    "settings_to_args",
+    "is_enabled",
+    "apply_overrides",
+    "paste_value",
+    "paste_function",
+    "suggested_triggers",
+    "build_ui",
+]
+
+#: Per-binding argument fields, in order (argument names are ``b{n}_{field}``).
+BINDING_FIELDS = ("lora", "subjects", "triggers", "weight", "te_weight")
+#: Per-style argument fields, in order (``s{n}_{field}``).
+STYLE_FIELDS = ("lora", "weight", "mode", "subjects")
+#: The global options, in order; the names are `CloraSettings` field names.
+OPTION_FIELDS = (
+    "step_size", "opt_end", "refine_at", "refine_iters", "temperature", "mask_threshold", "mask_morphology",
+    "mask_start", "lora_on_uncond", "show_previews",
+)
+
+#: The stable order of the script's positional arguments (see the module docstring).
+ARG_NAMES: tuple[str, ...] = (
+    ("enabled",)
+    + tuple(f"b{n}_{f}" for n in range(1, MAX_BINDINGS + 1) for f in BINDING_FIELDS)
+    + tuple(f"s{n}_{f}" for n in range(1, MAX_STYLES + 1) for f in STYLE_FIELDS)
+    + OPTION_FIELDS
+)
+_ARG_INDEX = {name: i for i, name in enumerate(ARG_NAMES)}
+
+#: What the LoRA dropdowns show for "no LoRA".
+NO_LORA = "None"
+#: Style mode value -> label shown in the radio.
+STYLE_MODE_LABELS = {"whole": "whole image", "subjects": "these subjects"}
+_STYLE_LABEL_TO_MODE = {label: mode for mode, label in STYLE_MODE_LABELS.items()}
+
+#: UI-only components (not arguments) that infotext paste also restores: how many rows are shown.
+_COUNT_NAMES = ("bindings_shown", "styles_shown")
+
+
+# ----- argument parsing helpers ---------------------------------------------------------------------------
+
+
+def _text(value: Any, what: str) -> str:
+    """A text field: ``None`` is empty; numbers are written out; anything else is an error naming the field."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise SettingsError(f"{what} must be text, got {value!r}.")
+
+
+def _lora_name(value: Any, what: str) -> str:
+    text = _text(value, what)
+    return "" if text == NO_LORA else text
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise SettingsError(f"{what} must be a number, got {value!r}.")
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value.strip())
+        except ValueError:
+            raise SettingsError(f"{what} must be a number, got {value!r}.") from None
+    else:
+        raise SettingsError(f"{what} must be a number, got {value!r}.")
+    if not math.isfinite(x):
+        raise SettingsError(f"{what} must be a finite number, got {value!r}.")
+    return x
+
+
+def _whole(value: Any, what: str) -> int:
+    x = _number(value, what)
+    if x != int(x):
+        raise SettingsError(f"{what} must be a whole number, got {value!r}.")
+    return int(x)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise SettingsError(f"{what} must be true or false, got {value!r}.")
+
+
+def _subjects(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        parts = [_text(v, what) for v in value]
+    else:
+        parts = _text(value, what).split(SUBJECT_SEPARATOR)
+    return tuple(p for p in (" ".join(s.split()) for s in parts) if p)
+
+
+def _optional_number(value: Any, what: str) -> Optional[float]:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    return _number(value, what)
+
+
+def _fractions(value: Any, what: str) -> tuple[float, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(_number(v, what) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (_number(value, what),)
+    text = _text(value, what)
+    if text.lower() in ("", "none"):
+        return ()
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) > MAX_REFINE_POINTS:
+        raise SettingsError(f"{what} holds {len(parts)} points; at most {MAX_REFINE_POINTS} are supported.")
+    return tuple(_number(t, f"{what}: point {t!r}") for t in parts)
+
+
+def _style_mode(value: Any, what: str) -> str:
+    text = _text(value, what)
+    return _STYLE_LABEL_TO_MODE.get(text, text)
+
+
+def _fmt_number(x: float) -> str:
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+# ----- args -> settings -------------------------------------------------------------------------------------
+
+
+def _binding_from_args(n: int, row: Mapping[str, Any]) -> Optional[Binding]:
+    """Binding row ``n`` (1-based), or ``None`` when all its text fields are empty."""
+    who = f"Binding {n}"
+    lora = _lora_name(row["lora"], f"{who}: LoRA")
+    subjects = _subjects(row["subjects"], f"{who}: subject words")
+    triggers = _text(row["triggers"], f"{who}: trigger words")
+    te = row["te_weight"]
+    if not lora and not subjects and not triggers and (te is None or str(te).strip() == ""):
+        return None
+    label = f"{who} (LoRA '{lora}')" if lora else who
+    return Binding(
+        lora=lora,
+        subjects=subjects,
+        triggers=triggers,
+        weight=_number(row["weight"], f"{label}: weight"),
+        te_weight=_optional_number(te, f"{label}: TE weight"),
+    )
+
+
+def _style_from_args(n: int, row: Mapping[str, Any]) -> Optional[StyleLora]:
+    """Style row ``n`` (1-based), or ``None`` when it names no LoRA and no subject."""
+    who = f"Style LoRA {n}"
+    lora = _lora_name(row["lora"], f"{who}: LoRA")
+    subjects = _subjects(row["subjects"], f"{who}: subjects")
+    if not lora and not subjects:
+        return None
+    label = f"{who} ('{lora}')" if lora else who
+    return StyleLora(
+        lora=lora,
+        weight=_number(row["weight"], f"{label}: weight"),
+        mode=_style_mode(row["mode"], f"{label}: mode"),
+        subjects=subjects,
+    )
+
+
+def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
+    if len(args) != len(ARG_NAMES):
+        raise SettingsError(
+            f"CLoRA expects {len(ARG_NAMES)} positional arguments (see ARG_NAMES) or one JSON object, "
+            f"got {len(args)} arguments."
+        )
+    a = dict(zip(ARG_NAMES, args))
+    bindings = []
+    for n in range(1, MAX_BINDINGS + 1):
+        b = _binding_from_args(n, {f: a[f"b{n}_{f}"] for f in BINDING_FIELDS})
+        if b is not None:
+            bindings.append(b)
+    styles = []
+    for n in range(1, MAX_STYLES + 1):
+        s = _style_from_args(n, {f: a[f"s{n}_{f}"] for f in STYLE_FIELDS})
+        if s is not None:
+            styles.append(s)
+    return CloraSettings(
+        enabled=_flag(a["enabled"], "enabled"),
+        bindings=tuple(bindings),
+        styles=tuple(styles),
+        step_size=_number(a["step_size"], "step_size"),
+        opt_end=_number(a["opt_end"], "opt_end"),
+        refine_at=_fractions(a["refine_at"], "refine_at"),
+        refine_iters=_whole(a["refine_iters"], "refine_iters"),
+        temperature=_number(a["temperature"], "temperature"),
+        mask_threshold=_number(a["mask_threshold"], "mask_threshold"),
+        mask_morphology=_text(a["mask_morphology"], "mask_morphology"),
+        mask_start=_number(a["mask_start"], "mask_start"),
+        lora_on_uncond=_flag(a["lora_on_uncond"], "lora_on_uncond"),
+        show_previews=_flag(a["show_previews"], "show_previews"),
+    )
+
+
+def _is_named_form(args: Sequence[Any]) -> bool:
+    return len(args) >= 1 and isinstance(args[0], Mapping)
+
+
+def args_to_settings(args: Sequence[Any], overrides: Optional[Mapping[str, Any]] = None) -> CloraSettings:
+    """The script's arguments -> validated `CloraSettings` (raises `SettingsError` with every problem).
+
+    args: the positional values in `ARG_NAMES` order, or a sequence whose first item is the named JSON form
+    (`CloraSettings.from_json`; the remaining items are ignored).
+    overrides: values by argument name applied on top (see `apply_overrides`; the X/Y/Z plot axes use it).
+    """
+    args = list(args)
+    if _is_named_form(args):
+        settings = CloraSettings.from_json(args[0])
+    else:
+        settings = _settings_from_positional(args)
+    if overrides:
+        settings = apply_overrides(settings, overrides)
+    return settings.validate()
+
+
+def apply_overrides(settings: CloraSettings, overrides: Mapping[str, Any]) -> CloraSettings:
+    """``settings`` with values replaced by argument name: ``enabled``, any name of `OPTION_FIELDS`, and
+    ``b{n}_{field}`` / ``s{n}_{field}`` for an existing binding / style.  Not validated (the caller does)."""
+    top: dict[str, Any] = {}
+    bindings = list(settings.bindings)
+    styles = list(settings.styles)
+    for name, value in overrides.items():
+        where = f"CLoRA override '{name}'"
+        if name == "enabled":
+            top[name] = _flag(value, where)
+        elif name in OPTION_FIELDS:
+            top[name] = _parse_option(name, value, where)
+        elif name in _ARG_INDEX and name[0] in "bs":
+            n_text, field = name[1:].split("_", 1)
+            n = int(n_text)
+            rows = bindings if name[0] == "b" else styles
+            if n > len(rows):
+                kind = "binding" if name[0] == "b" else "style LoRA"
+                raise SettingsError(f"{where}: there is no {kind} {n} (only {len(rows)} set).")
+            rows[n - 1] = _override_row(rows[n - 1], field, value, where)
+        else:
+            raise SettingsError(f"{where}: unknown setting name.")
+    return dataclasses.replace(settings, bindings=tuple(bindings), styles=tuple(styles), **top)
+
+
+def _parse_option(name: str, value: Any, what: str) -> Any:
+    if name in ("lora_on_uncond", "show_previews"):
+        return _flag(value, what)
+    if name == "refine_at":
+        return _fractions(value, what)
+    if name == "refine_iters":
+        return _whole(value, what)
+    if name == "mask_morphology":
+        return _text(value, what)
+    return _number(value, what)
+
+
+def _override_row(row: Any, field: str, value: Any, what: str) -> Any:
+    if field == "lora":
+        return dataclasses.replace(row, lora=_lora_name(value, what))
+    if field == "subjects":
+        return dataclasses.replace(row, subjects=_subjects(value, what))
+    if field == "triggers":
+        return dataclasses.replace(row, triggers=_text(value, what))
+    if field == "te_weight":
+        return dataclasses.replace(row, te_weight=_optional_number(value, what))
+    if field == "mode":
+        return dataclasses.replace(row, mode=_style_mode(value, what))
+    return dataclasses.replace(row, weight=_number(value, what))
+
+
+def is_enabled(args: Sequence[Any], overrides: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether CLoRA is switched on, without parsing the rest.  An unreadable flag counts as on, so that
+    `args_to_settings` reports it to the user instead of CLoRA being silently skipped."""
+    if overrides and "enabled" in overrides:
+        value = overrides["enabled"]
+    elif _is_named_form(args):
+        value = args[0].get("enabled", False)
+    elif args:
+        value = args[0]
+    else:
+        return False
+    try:
+        return _flag(value, "enabled")
+    except SettingsError:
+        return True
+
+
+# ----- settings -> args --------------------------------------------------------------------------------------
+
+
+def settings_to_args(settings: CloraSettings) -> list[Any]:
+    """The positional arguments (in `ARG_NAMES` order) that `args_to_settings` turns back into ``settings``;
+    unused rows are blank.  Used by infotext paste and for the API's positional form."""
+    a: dict[str, Any] = {"enabled": settings.enabled}
+    for n in range(1, MAX_BINDINGS + 1):
+        b = settings.bindings[n - 1] if n <= len(settings.bindings) else None
+        a[f"b{n}_lora"] = b.lora if b else NO_LORA
+        a[f"b{n}_subjects"] = f" {SUBJECT_SEPARATOR} ".join(b.subjects) if b else ""
+        a[f"b{n}_triggers"] = b.triggers if b else ""
+        a[f"b{n}_weight"] = b.weight if b else 1.0
+        a[f"b{n}_te_weight"] = _fmt_number(b.te_weight) if b and b.te_weight is not None else ""
+    for n in range(1, MAX_STYLES + 1):
+        s = settings.styles[n - 1] if n <= len(settings.styles) else None
+        a[f"s{n}_lora"] = s.lora if s else NO_LORA
+        a[f"s{n}_weight"] = s.weight if s else 0.8
+        a[f"s{n}_mode"] = s.mode if s else "whole"
+        a[f"s{n}_subjects"] = f" {SUBJECT_SEPARATOR} ".join(s.subjects) if s else ""
+    for name in OPTION_FIELDS:
+        value = getattr(settings, name)
+        a[name] = ", ".join(_fmt_number(x) for x in value) if name == "refine_at" else value
+    return [a[name] for name in ARG_NAMES]
+
+
+# ----- infotext paste ------------------------------------------------------------------------------------------
+
+
+def paste_value(name: str, params: Mapping[str, Any]) -> Any:
+    """The value of argument ``name`` (or of a row counter ``bindings_shown`` / ``styles_shown``) restored from a
+    parsed infotext ``params``; ``None`` means "leave the field as it is".
+
+    Without any ``CLoRA`` key the image was made without CLoRA: ``enabled`` becomes False, the rest is left alone.
+    An infotext whose CLoRA keys do not parse leaves every field alone.
+    """
+    if "CLoRA" not in params:
+        return False if name == "enabled" else None
+    try:
+        settings = CloraSettings.from_flat(params, strict=False)
+    except (SettingsError, ValueError, TypeError):
+        return None
+    if name == "bindings_shown":
+        return max(1, len(settings.bindings))
+    if name == "styles_shown":
+        return len(settings.styles)
+    return settings_to_args(settings)[_ARG_INDEX[name]]
+
+
+def _make_paste_function(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    def paste(params: Mapping[str, Any]) -> Any:
+        return paste_value(name, params)
+
+    paste.__name__ = paste.__qualname__ = f"clora_paste_{name}"
+    return paste
+
+
+#: One function per field, shared by both tabs: the WebUI matches ``paste_field_names`` by equality, so the same
+#: objects in txt2img and img2img let "Send to img2img" carry the CLoRA fields across.  (A constant table.)
+_PASTE_FUNCTIONS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    name: _make_paste_function(name) for name in ARG_NAMES + _COUNT_NAMES
+}
+
+
+def paste_function(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    """The infotext paste function of argument (or row counter) ``name``."""
+    return _PASTE_FUNCTIONS[name]
+
+
+# ----- the gradio UI ---------------------------------------------------------------------------------------------
+
+_TIPS = {
+    "lora": "The LoRA bound to these subject words; it acts only where they are in the image.",
+    "subjects": f"Word(s) of the prompt naming this LoRA's subject, e.g. cat. Several: cat {SUBJECT_SEPARATOR} kitten.",
+    "triggers": "Inserted before the subject in this LoRA's own prompt variant (filled from the LoRA's metadata).",
+    "weight": "Strength of the LoRA on the UNet.",
+    "te_weight": "Strength on the text encoder; empty means the same as the weight.",
+    "style_mode": "Whole image: on every region. These subjects: only in the regions of the subjects named.",
+    "style_subjects": f"Subjects of bindings (mode 'these subjects'), separated by {SUBJECT_SEPARATOR}.",
+    "step_size": "Step size of the contrastive latent update (0 turns the update off).",
+    "opt_end": "Fraction of the sampling steps during which the latent is updated.",
+    "refine_at": "Fractions of the steps at which extra refinement iterations run, comma separated (empty: none).",
+    "refine_iters": "Extra update iterations at each refinement point.",
+    "temperature": "Temperature of the contrastive (NT-Xent) loss.",
+    "mask_threshold": "λ: a LoRA's region is where its subject's attention exceeds λ times its maximum.",
+    "mask_morphology": "Clean-up of the masks before fusion.",
+    "mask_start": "Fraction of the steps before the masked fusion starts (before it: every LoRA everywhere).",
+    "lora_on_uncond": "Also run each LoRA on the negative-prompt rows (the paper's behaviour).",
+    "show_previews": "Add attention-map and mask images after the generated images.",
+}
+
+
+def _lora_choices(host: Any) -> list[str]:
+    """``NO_LORA`` followed by the host's LoRA names; an unavailable host or a failing listing gives no names."""
+    names: list[str] = []
+    if host is not None:
+        try:
+            names = [str(n) for n in host.lora_names()]
+        except Exception:  # the list is a convenience; never break the UI over it
+            names = []
+    return [NO_LORA] + [n for n in names if n != NO_LORA]
+
+
+def suggested_triggers(host: Any, lora: Any) -> str:
+    """The first trigger word the host suggests for ``lora`` ("" when none or on any problem)."""
+    name = _lora_name(lora, "LoRA") if isinstance(lora, (str, type(None))) else ""
+    if host is None or not name:
+        return ""
+    try:
+        words = list(host.trigger_words(name))
+    except Exception:  # metadata is a convenience; a broken file is reported when generating
+        return ""
+    return str(words[0]).strip() if words else ""
+
+
+def _clamp_count(value: Any, lo: int, hi: int) -> int:
+    try:
+        n = int(float(value))
+    except (TypeError, ValueError):
+        n = lo
+    return max(lo, min(hi, n))
+
+
+def _widget_helpers():
+    """(InputAccordion or None, ToolButton class) — the WebUI's own when importable (feature detection)."""
+    import gradio as gr
+
+    try:
+        from modules.ui_components import InputAccordion  # type: ignore
+    except Exception:
+        InputAccordion = None
+    try:
+        from modules.ui_components import ToolButton  # type: ignore
+    except Exception:
+        ToolButton = None
+    if ToolButton is None:
+        def ToolButton(value: str = "", **kwargs):  # noqa: N802 - a stand-in class
+            return gr.Button(value=value, size="sm", **kwargs)
+    return InputAccordion, ToolButton
+
+
+def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, message: str = ""):
+    """Build the CLoRA accordion inside the current gradio Blocks.
+
+    host: the host glue (``lora_names()``, ``trigger_words(name)``) or ``None`` when CLoRA cannot run here;
+    message: shown at the top of the accordion (e.g. why CLoRA is unavailable).
+    Returns ``(components, infotext_fields)``: the components in `ARG_NAMES` order, and ``(component, function)``
+    pairs for infotext paste (also covering the hidden row counters).  Creates components and event listeners only.
+    """
+    import gradio as gr
+
+    tab = "img2img" if is_img2img else "txt2img"
+    prefix = elem_prefix or f"clora_{tab}"
+
+    def eid(name: str) -> str:
+        return f"{prefix}_{name}"
+
+    InputAccordion, ToolButton = _widget_helpers()
+    choices = _lora_choices(host)
+    lo, hi = WEIGHT_RANGE
+    c: dict[str, Any] = {}
+    binding_rows: list[Any] = []
+    style_rows: list[Any] = []
+
+    if InputAccordion is not None:
+        outer = InputAccordion(False, label="CLoRA", elem_id=eid("enabled"))
+        c["enabled"] = outer
+    else:
+        outer = _make(gr.Accordion, "CLoRA", open=False, elem_id=prefix)
+    with outer:
+        if InputAccordion is None:
+            c["enabled"] = _make(gr.Checkbox, False, label="Enable CLoRA", elem_id=eid("enabled"))
+        if message:
+            _make(gr.HTML, f"<p class='clora-message'>{_html_escape(message)}</p>", elem_id=eid("message"))
+        with _make(gr.Row, elem_id=eid("bindings_toolbar"), elem_classes=["clora-toolbar"]):
+            _make(gr.HTML, "<span class='clora-heading'>LoRA bindings</span>", elem_id=eid("bindings_heading"))
+            refresh = ToolButton("\U0001F504", elem_id=eid("refresh"))
+            add_b = _make(gr.Button, "+ binding", size="sm", elem_id=eid("add_binding"))
+            del_b = _make(gr.Button, "\u2212 binding", size="sm", elem_id=eid("remove_binding"))
+        bindings_shown = _make(gr.Number, value=1, precision=0, visible=False, elem_id=eid("bindings_shown"))
+        with _make(gr.Column, elem_id=eid("bindings"), elem_classes=["clora-bindings"]):
+            for n in range(1, MAX_BINDINGS + 1):
+                first = n == 1
+                with _make(gr.Row, visible=first, elem_id=eid(f"b{n}_row"), elem_classes=["clora-binding-row"]) as row:
+                    c[f"b{n}_lora"] = _make(
+                        gr.Dropdown, choices=choices, value=NO_LORA, label=f"LoRA {n}", elem_id=eid(f"b{n}_lora"),
+                        info=_TIPS["lora"] if first else None, allow_custom_value=True, filterable=True,
+                    )
+                    c[f"b{n}_subjects"] = _make(
+                        gr.Textbox, "", label="Subject words", placeholder=f"cat {SUBJECT_SEPARATOR} kitten", lines=1,
+                        elem_id=eid(f"b{n}_subjects"), info=_TIPS["subjects"] if first else None,
+                    )
+                    c[f"b{n}_triggers"] = _make(
+                        gr.Textbox, "", label="Trigger words", lines=1, elem_id=eid(f"b{n}_triggers"),
+                        info=_TIPS["triggers"] if first else None,
+                    )
+                    c[f"b{n}_weight"] = _make(
+                        gr.Slider, minimum=lo, maximum=hi, step=0.05, value=1.0, label="Weight",
+                        elem_id=eid(f"b{n}_weight"), info=_TIPS["weight"] if first else None,
+                    )
+                    c[f"b{n}_te_weight"] = _make(
+                        gr.Textbox, "", label="TE weight", placeholder="= weight", lines=1,
+                        elem_id=eid(f"b{n}_te_weight"), elem_classes=["clora-narrow"],
+                        info=_TIPS["te_weight"] if first else None,
+                    )
+                binding_rows.append(row)
+
+        with _make(gr.Row, elem_id=eid("styles_toolbar"), elem_classes=["clora-toolbar"]):
+            _make(gr.HTML, "<span class='clora-heading'>Style LoRAs</span>", elem_id=eid("styles_heading"))
+            add_s = _make(gr.Button, "+ style", size="sm", elem_id=eid("add_style"))
+            del_s = _make(gr.Button, "\u2212 style", size="sm", elem_id=eid("remove_style"))
+        styles_shown = _make(gr.Number, value=0, precision=0, visible=False, elem_id=eid("styles_shown"))
+        with _make(gr.Column, elem_id=eid("styles"), elem_classes=["clora-styles"]):
+            for n in range(1, MAX_STYLES + 1):
+                first = n == 1
+                with _make(gr.Row, visible=False, elem_id=eid(f"s{n}_row"), elem_classes=["clora-style-row"]) as row:
+                    c[f"s{n}_lora"] = _make(
+                        gr.Dropdown, choices=choices, value=NO_LORA, label=f"Style LoRA {n}", elem_id=eid(f"s{n}_lora"),
+                        allow_custom_value=True, filterable=True,
+                    )
+                    c[f"s{n}_weight"] = _make(
+                        gr.Slider, minimum=lo, maximum=hi, step=0.05, value=0.8, label="Style weight",
+                        elem_id=eid(f"s{n}_weight"),
+                    )
+                    c[f"s{n}_mode"] = _make(
+                        gr.Radio, choices=[(label, mode) for mode, label in STYLE_MODE_LABELS.items()], value="whole",
+                        label="Applies to", elem_id=eid(f"s{n}_mode"), info=_TIPS["style_mode"] if first else None,
+                    )
+                    c[f"s{n}_subjects"] = _make(
+                        gr.Textbox, "", label="Subjects", lines=1, elem_id=eid(f"s{n}_subjects"),
+                        info=_TIPS["style_subjects"] if first else None,
+                    )
+                style_rows.append(row)
+
+        d = CloraSettings()
+        with _make(gr.Accordion, "Advanced", open=False, elem_id=eid("advanced")):
+            with _make(gr.Row, elem_id=eid("advanced_row1")):
+                c["step_size"] = _make(gr.Number, value=d.step_size, label="Step size", minimum=0,
+                                       maximum=STEP_SIZE_MAX, elem_id=eid("step_size"), info=_TIPS["step_size"])
+                c["opt_end"] = _make(gr.Slider, minimum=0.0, maximum=1.0, value=d.opt_end, step=0.01,
+                                     label="Optimise until", elem_id=eid("opt_end"), info=_TIPS["opt_end"])
+                c["refine_at"] = _make(gr.Textbox, ", ".join(_fmt_number(x) for x in d.refine_at), label="Refine at",
+                                       lines=1, elem_id=eid("refine_at"), info=_TIPS["refine_at"])
+                c["refine_iters"] = _make(gr.Slider, minimum=0, maximum=REFINE_ITERS_MAX, value=d.refine_iters,
+                                          step=1, label="Refinement iterations", elem_id=eid("refine_iters"),
+                                          info=_TIPS["refine_iters"])
+            with _make(gr.Row, elem_id=eid("advanced_row2")):
+                c["temperature"] = _make(gr.Slider, minimum=0.01, maximum=TEMPERATURE_MAX, value=d.temperature,
+                                         step=0.01, label="Temperature", elem_id=eid("temperature"),
+                                         info=_TIPS["temperature"])
+                c["mask_threshold"] = _make(gr.Slider, minimum=0.01, maximum=0.99, value=d.mask_threshold, step=0.01,
+                                            label="Mask threshold \u03bb", elem_id=eid("mask_threshold"),
+                                            info=_TIPS["mask_threshold"])
+                c["mask_morphology"] = _make(gr.Dropdown, choices=list(MORPHOLOGIES), value=d.mask_morphology,
+                                             label="Mask morphology", elem_id=eid("mask_morphology"),
+                                             info=_TIPS["mask_morphology"])
+                c["mask_start"] = _make(gr.Slider, minimum=0.0, maximum=1.0, value=d.mask_start, step=0.01,
+                                        label="Masks from", elem_id=eid("mask_start"), info=_TIPS["mask_start"])
+            with _make(gr.Row, elem_id=eid("advanced_row3")):
+                c["lora_on_uncond"] = _make(gr.Checkbox, d.lora_on_uncond, label="LoRAs on negative-prompt rows",
+                                            elem_id=eid("lora_on_uncond"), info=_TIPS["lora_on_uncond"])
+        c["show_previews"] = _make(gr.Checkbox, d.show_previews, label="Show attention and masks",
+                                   elem_id=eid("show_previews"), info=_TIPS["show_previews"])
+
+    _wire_rows(gr, bindings_shown, add_b, del_b, binding_rows,
+               [[c[f"b{n}_{f}"] for f in BINDING_FIELDS] for n in range(1, MAX_BINDINGS + 1)],
+               blank=[NO_LORA, "", "", 1.0, ""], minimum=1, maximum=MAX_BINDINGS)
+    _wire_rows(gr, styles_shown, add_s, del_s, style_rows,
+               [[c[f"s{n}_{f}"] for f in STYLE_FIELDS] for n in range(1, MAX_STYLES + 1)],
+               blank=[NO_LORA, 0.8, "whole", ""], minimum=0, maximum=MAX_STYLES)
+
+    dropdowns = [c[f"b{n}_lora"] for n in range(1, MAX_BINDINGS + 1)]
+    dropdowns += [c[f"s{n}_lora"] for n in range(1, MAX_STYLES + 1)]
+
+    def refresh_lists():
+        fresh = _lora_choices(host)
+        return [gr.update(choices=fresh) for _ in dropdowns]
+
+    refresh.click(fn=refresh_lists, inputs=[], outputs=dropdowns, show_progress=False)
+
+    for n in range(1, MAX_BINDINGS + 1):
+        _wire_trigger_prefill(gr, host, c[f"b{n}_lora"], c[f"b{n}_triggers"])
+
+    # Row fields repeat their labels, and the WebUI keys saved UI defaults (ui-config.json) by label: keep them out
+    # of it, so one row's saved value never becomes another row's default.
+    for name in ARG_NAMES:
+        if name[0] in "bs" and name[1].isdigit():
+            c[name].do_not_save_to_config = True
+
+    components = [c[name] for name in ARG_NAMES]
+    infotext_fields = [(c[name], paste_function(name)) for name in ARG_NAMES]
+    infotext_fields += [(bindings_shown, paste_function("bindings_shown")),
+                        (styles_shown, paste_function("styles_shown"))]
+    return components, infotext_fields
+
+
+def _make(cls, *args: Any, **kwargs: Any):
+    """``cls(*args, **kwargs)`` without the keyword options this gradio version's ``cls`` does not take
+    (gradio 3.41 in A1111 1.8, gradio 4 in Forge: e.g. ``elem_classes`` on rows, ``filterable``)."""
+    params = _init_params(cls)
+    return cls(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _init_params(cls) -> Mapping[str, Any]:
+    import inspect
+
+    return inspect.signature(cls.__init__).parameters
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def _wire_rows(gr, counter, add_button, remove_button, rows, row_components, *, blank, minimum, maximum) -> None:
+    """+/− buttons change the hidden counter; the counter (also set by infotext paste) shows/hides rows.
+    Removing a row resets its fields, so a hidden row never holds settings."""
+
+    def show(count):
+        k = _clamp_count(count, minimum, maximum)
+        return [gr.update(visible=i < k) for i in range(len(rows))]
+
+    def add(count):
+        return min(maximum, _clamp_count(count, minimum, maximum) + 1)
+
+    def remove(count):
+        k = _clamp_count(count, minimum, maximum)
+        new = max(minimum, k - 1)
+        cleared: list[Any] = []
+        for i, comps in enumerate(row_components):
+            if new <= i < k:
+                cleared += [gr.update(value=v) for v in blank]
+            else:
+                cleared += [gr.update() for _ in comps]
+        return [new] + cleared
+
+    flat = [comp for comps in row_components for comp in comps]
+    add_button.click(fn=add, inputs=[counter], outputs=[counter], show_progress=False)
+    remove_button.click(fn=remove, inputs=[counter], outputs=[counter] + flat, show_progress=False)
+    counter.change(fn=show, inputs=[counter], outputs=rows, show_progress=False)
+
+
+def _wire_trigger_prefill(gr, host, dropdown, triggers) -> None:
+    """When the user picks a LoRA and the trigger box is empty, fill in the LoRA's first suggested trigger word.
+
+    Listens to 'select' (a user's choice only, with the chosen item in the event data), so that infotext paste,
+    which sets the dropdown programmatically, never overwrites pasted trigger words.
+    """
+    event = getattr(dropdown, "select", None)
+    select_data = getattr(gr, "SelectData", None)
+    if event is None or select_data is None:
+        return
+
+    def prefill(current, evt):
+        if isinstance(current, str) and current.strip():
+            return gr.update()
+        words = suggested_triggers(host, getattr(evt, "value", None))
+        return gr.update(value=words) if words else gr.update()
+
+    # gradio passes the event data to the parameter annotated with SelectData (a class object, not a string).
+    prefill.__annotations__ = {"current": str, "evt": select_data}
+    event(fn=prefill, inputs=[triggers], outputs=[triggers], show_progress=False)

@@ -1,0 +1,339 @@
+"""The script's positional arguments <-> CloraSettings (clora/ui.py), and the accordion itself when gradio is installed."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+
+from clora.settings import (
+    MAX_BINDINGS,
+    MAX_STYLES,
+    MORPHOLOGIES,
+    REFINE_ITERS_MAX,
+    WEIGHT_RANGE,
+    Binding,
+    CloraSettings,
+    SettingsError,
+    StyleLora,
+)
+from clora.ui import (
+    ARG_NAMES,
+    apply_overrides,
+    args_to_settings,
+    is_enabled,
+    paste_value,
+    settings_to_args,
+)
+
+WORDS = ["cat", "dog", "red car", "tree", "old man", "girl", "castle", "boat", "owl", "fox", "moon", "robot"]
+
+
+def blank_args() -> dict:
+    """The UI's default values, written out independently of clora.ui (the documented order and meaning)."""
+    a = {"enabled": False}
+    for n in range(1, MAX_BINDINGS + 1):
+        a.update({f"b{n}_lora": "None", f"b{n}_subjects": "", f"b{n}_triggers": "", f"b{n}_weight": 1.0,
+                  f"b{n}_te_weight": ""})
+    for n in range(1, MAX_STYLES + 1):
+        a.update({f"s{n}_lora": "None", f"s{n}_weight": 0.8, f"s{n}_mode": "whole", f"s{n}_subjects": ""})
+    a.update({"step_size": 20.0, "opt_end": 0.5, "refine_at": "0, 0.1, 0.2", "refine_iters": 20, "temperature": 0.5,
+              "mask_threshold": 0.4, "mask_morphology": "none", "mask_start": 0.0, "lora_on_uncond": True,
+              "show_previews": False})
+    return a
+
+
+def positional(a: dict) -> list:
+    return [a[name] for name in ARG_NAMES]
+
+
+def random_settings(rng: random.Random) -> CloraSettings:
+    n_b = rng.randint(0, MAX_BINDINGS)
+    words = rng.sample(WORDS, k=len(WORDS))
+    bindings = []
+    for i in range(n_b):
+        subjects = (words[i],) if rng.random() < 0.7 else (words[i], f"{words[i]}s")
+        bindings.append(Binding(
+            lora=f"lora_{i}_{rng.randint(0, 99)}", subjects=subjects,
+            triggers=rng.choice(["", "sks", "ohwx style"]),
+            weight=rng.uniform(*WEIGHT_RANGE),
+            te_weight=None if rng.random() < 0.5 else rng.uniform(*WEIGHT_RANGE),
+        ))
+    bound = [s for b in bindings for s in b.subjects]
+    styles = []
+    for j in range(rng.randint(0, MAX_STYLES)):
+        if bound and rng.random() < 0.5:
+            styles.append(StyleLora(lora=f"style{j}", weight=rng.uniform(*WEIGHT_RANGE), mode="subjects",
+                                    subjects=tuple(rng.sample(bound, k=rng.randint(1, len(bound))))))
+        else:
+            styles.append(StyleLora(lora=f"style{j}", weight=rng.uniform(*WEIGHT_RANGE), mode="whole"))
+    return CloraSettings(
+        enabled=bool(bindings) and rng.random() < 0.8,
+        bindings=tuple(bindings),
+        styles=tuple(styles),
+        step_size=rng.uniform(0, 100),
+        opt_end=rng.random(),
+        refine_at=tuple(sorted(rng.random() for _ in range(rng.randint(0, 5)))),
+        refine_iters=rng.randint(0, REFINE_ITERS_MAX),
+        temperature=rng.uniform(0.01, 2),
+        mask_threshold=rng.uniform(0.01, 0.99),
+        mask_morphology=rng.choice(MORPHOLOGIES),
+        mask_start=rng.random(),
+        lora_on_uncond=rng.random() < 0.5,
+        show_previews=rng.random() < 0.5,
+    ).validate()
+
+
+# ----- order and count ------------------------------------------------------------------------------------------
+
+
+def test_arg_names_order_and_count():
+    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 10 == 67
+    assert len(set(ARG_NAMES)) == len(ARG_NAMES)
+    assert ARG_NAMES[:6] == ("enabled", "b1_lora", "b1_subjects", "b1_triggers", "b1_weight", "b1_te_weight")
+    assert ARG_NAMES[-2:] == ("lora_on_uncond", "show_previews")
+    assert len(settings_to_args(CloraSettings())) == len(ARG_NAMES)
+
+
+def test_defaults_give_default_settings():
+    assert args_to_settings(positional(blank_args())) == CloraSettings()
+    assert settings_to_args(CloraSettings()) == positional(blank_args())
+
+
+def test_wrong_argument_count_is_an_error_naming_both_counts():
+    args = positional(blank_args())
+    with pytest.raises(SettingsError, match=rf"{len(ARG_NAMES)} positional arguments.*got {len(args) - 1}"):
+        args_to_settings(args[:-1])
+
+
+# ----- positional form against a hand-written reference ---------------------------------------------------------
+
+
+def test_positional_form_matches_named_form():
+    a = blank_args()
+    a.update({"enabled": True, "b1_lora": "cat_v1", "b1_subjects": "cat | kitten", "b1_triggers": "sks",
+              "b1_weight": 0.9, "b3_lora": "dog_v1", "b3_subjects": "dog", "b3_te_weight": "0.5",
+              "s2_lora": "ink", "s2_weight": 0.7, "s2_mode": "these subjects", "s2_subjects": "dog",
+              "refine_at": "0.1,0.3", "mask_threshold": 0.25, "mask_morphology": "open", "lora_on_uncond": False})
+    expected = CloraSettings.from_json({
+        "enabled": True,
+        "bindings": [{"lora": "cat_v1", "subjects": ["cat", "kitten"], "triggers": "sks", "weight": 0.9},
+                     {"lora": "dog_v1", "subjects": ["dog"], "te_weight": 0.5}],
+        "styles": [{"lora": "ink", "weight": 0.7, "mode": "subjects", "subjects": ["dog"]}],
+        "refine_at": [0.1, 0.3], "mask_threshold": 0.25, "mask_morphology": "open", "lora_on_uncond": False,
+    })
+    # the blank binding row 2 and style row 1 are skipped
+    assert args_to_settings(positional(a)) == expected
+
+
+def test_values_as_strings_are_read_like_numbers():
+    a = blank_args()
+    a.update({"enabled": "true", "b1_lora": "x", "b1_subjects": "cat", "b1_weight": "0.75", "refine_iters": "3",
+              "step_size": 7, "refine_at": "none"})
+    s = args_to_settings(positional(a))
+    assert (s.enabled, s.bindings[0].weight, s.refine_iters, s.step_size, s.refine_at) == (True, 0.75, 3, 7.0, ())
+
+
+# ----- round trip -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_round_trip_on_random_settings(seed):
+    s = random_settings(random.Random(seed))
+    args = settings_to_args(s)
+    assert len(args) == len(ARG_NAMES)
+    assert args_to_settings(args) == s
+    # the API sends the list through JSON
+    assert args_to_settings(json.loads(json.dumps(args))) == s
+    # the named form of the same settings, as the first argument
+    assert args_to_settings([s.to_json()] + args[1:]) == s
+
+
+# ----- named JSON form ----------------------------------------------------------------------------------------------
+
+
+def test_named_form_alone_and_with_ui_defaults_behind_it():
+    named = {"enabled": True, "bindings": [{"lora": "cat_v1", "subjects": ["cat"]}], "step_size": 5}
+    expected = CloraSettings(enabled=True, bindings=(Binding("cat_v1", ("cat",)),), step_size=5.0)
+    assert args_to_settings([named]) == expected
+    assert args_to_settings([named] + positional(blank_args())[1:]) == expected
+    assert args_to_settings([json.loads(json.dumps(named))]) == expected
+
+
+def test_named_form_unknown_key_is_an_error_naming_it():
+    with pytest.raises(SettingsError, match="'mask_treshold'"):
+        args_to_settings([{"enabled": True, "bindings": [{"lora": "a", "subjects": ["cat"]}], "mask_treshold": 0.3}])
+    with pytest.raises(SettingsError, match="'subject'"):
+        args_to_settings([{"enabled": True, "bindings": [{"lora": "a", "subject": ["cat"]}]}])
+
+
+# ----- user errors ------------------------------------------------------------------------------------------------
+
+
+def test_half_filled_row_is_an_error_naming_the_binding():
+    a = blank_args()
+    a.update({"enabled": True, "b1_lora": "cat_v1", "b1_subjects": "cat", "b2_lora": "dog_v1"})
+    with pytest.raises(SettingsError, match=r"Binding 2 \(LoRA 'dog_v1'\): no subject word"):
+        args_to_settings(positional(a))
+
+
+def test_bad_te_weight_names_the_field():
+    a = blank_args()
+    a.update({"enabled": True, "b1_lora": "cat_v1", "b1_subjects": "cat", "b1_te_weight": "strong"})
+    with pytest.raises(SettingsError, match=r"Binding 1 \(LoRA 'cat_v1'\): TE weight.*'strong'"):
+        args_to_settings(positional(a))
+
+
+def test_enabled_without_bindings_is_an_error():
+    a = blank_args()
+    a["enabled"] = True
+    with pytest.raises(SettingsError, match="no LoRA is bound"):
+        args_to_settings(positional(a))
+
+
+# ----- overrides (X/Y/Z plot) and the enabled shortcut ------------------------------------------------------------
+
+
+def test_overrides():
+    a = blank_args()
+    a.update({"b1_lora": "cat_v1", "b1_subjects": "cat", "b2_lora": "dog_v1", "b2_subjects": "dog"})
+    s = args_to_settings(positional(a), {"enabled": "True", "mask_threshold": "0.3", "b2_weight": 0.6,
+                                         "refine_iters": 4.0})
+    assert s.enabled is True and s.mask_threshold == 0.3 and s.refine_iters == 4
+    assert [b.weight for b in s.bindings] == [1.0, 0.6]
+    with pytest.raises(SettingsError, match="no binding 3"):
+        args_to_settings(positional(a), {"b3_weight": 0.5})
+    with pytest.raises(SettingsError, match="unknown setting name"):
+        apply_overrides(CloraSettings(), {"bogus": 1})
+
+
+def test_is_enabled():
+    a = positional(blank_args())
+    assert not is_enabled(a)
+    assert is_enabled(a, {"enabled": "True"})
+    assert not is_enabled([{"bindings": []}])
+    assert is_enabled([{"enabled": True}])
+    assert is_enabled(["maybe"] + a[1:])  # unreadable: reported by args_to_settings, never skipped silently
+    assert not is_enabled([])
+
+
+# ----- infotext paste -----------------------------------------------------------------------------------------------
+
+
+def as_pasted(settings: CloraSettings) -> dict:
+    """What the WebUI's infotext parser hands to paste functions: every value as text, beside other keys."""
+    params = {"Prompt": "a cat", "Steps": "20"}
+    params.update({k: str(v) for k, v in settings.to_flat().items()})
+    return params
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_paste_restores_every_argument(seed):
+    s = random_settings(random.Random(100 + seed))
+    params = as_pasted(s)
+    restored = [paste_value(name, params) for name in ARG_NAMES]
+    assert args_to_settings(restored) == s
+    assert paste_value("bindings_shown", params) == max(1, len(s.bindings))
+    assert paste_value("styles_shown", params) == len(s.styles)
+
+
+def test_paste_without_clora_disables_and_leaves_the_rest():
+    params = {"Prompt": "a cat", "Steps": "20"}
+    assert paste_value("enabled", params) is False
+    assert all(paste_value(name, params) is None for name in ARG_NAMES[1:])
+
+
+def test_paste_of_broken_clora_keys_leaves_everything():
+    params = {"CLoRA": "True", "CLoRA 1 LoRA": "x", "CLoRA 1 weight": "heavy"}
+    assert all(paste_value(name, params) is None for name in ARG_NAMES)
+
+
+# ----- the accordion (needs gradio 3.41, as in A1111 1.8) -------------------------------------------------------------
+
+
+class FakeHost:
+    def __init__(self):
+        self.names = ["cat_v1", "dog_v1"]
+
+    def lora_names(self):
+        return list(self.names)
+
+    def trigger_words(self, name):
+        if name == "broken":
+            raise OSError("cannot read")
+        return {"cat_v1": ["sks", "cat"]}.get(name, [])
+
+
+def _fn(demo, name):
+    fns = [f.fn for f in demo.fns if getattr(f.fn, "__name__", "") == name]
+    assert fns, name
+    return fns
+
+
+def test_build_ui_smoke():
+    import gradio as gr
+    from clora.ui import build_ui
+
+    host = FakeHost()
+    with gr.Blocks() as demo:
+        comps, fields = build_ui(True, host)
+    assert "modules" not in sys.modules  # the fallback accordion was used, no WebUI import happened
+    assert len(comps) == len(ARG_NAMES)
+    assert [c.elem_id for c in comps] == [f"clora_img2img_{n}" for n in ARG_NAMES]
+    assert args_to_settings([c.value for c in comps]) == CloraSettings()
+    assert comps[ARG_NAMES.index("b1_lora")].choices[:3] in (["None", "cat_v1", "dog_v1"],
+                                                            [("None", "None"), ("cat_v1", "cat_v1"),
+                                                             ("dog_v1", "dog_v1")])
+    assert [f[0] for f in fields[: len(comps)]] == comps and len(fields) == len(comps) + 2
+    # the WebUI saves UI defaults by label: row fields (repeated labels) stay out, the other labels are unique
+    saved = [c for c in comps if not getattr(c, "do_not_save_to_config", False)]
+    assert [n for n, c in zip(ARG_NAMES, comps) if c in saved] == ["enabled", *ARG_NAMES[-10:]]
+    assert len({c.label for c in saved}) == len(saved)
+
+    # +/- rows: the counter is clamped; removing a row clears its fields
+    (add,) = _fn(demo, "add")[:1]
+    assert add(1) == 2 and add(8) == 8
+    show = _fn(demo, "show")[0]
+    visible = [u["visible"] for u in show(3)]
+    assert visible == [True, True, True, False, False, False, False, False]
+    remove = _fn(demo, "remove")[0]
+    out = remove(3)
+    assert out[0] == 2
+    row3 = out[1 + 2 * 5: 1 + 3 * 5]
+    assert [u.get("value") for u in row3] == ["None", "", "", 1.0, ""]
+    assert all("value" not in u for u in out[1: 1 + 2 * 5])
+    assert remove(1)[0] == 1  # at least one binding row stays
+
+    # trigger prefill: only into an empty box; a failing host gives nothing
+    prefill = _fn(demo, "prefill")[0]
+
+    class Evt:
+        def __init__(self, value):
+            self.value = value
+
+    assert prefill("", Evt("cat_v1")).get("value") == "sks"
+    # gradio hands the select event's data to the parameter annotated with SelectData
+    from gradio.helpers import special_args
+
+    b1_lora = comps[ARG_NAMES.index("b1_lora")]
+    filled, *_ = special_args(prefill, [""], None, gr.SelectData(b1_lora, {"index": 1, "value": "cat_v1"}))
+    assert prefill(*filled).get("value") == "sks"
+    assert "value" not in prefill("mine", Evt("cat_v1"))
+    assert "value" not in prefill("", Evt("broken"))
+
+    host.names.append("owl_v2")
+    refreshed = _fn(demo, "refresh_lists")[0]()
+    assert len(refreshed) == MAX_BINDINGS + MAX_STYLES
+    assert "owl_v2" in [c if isinstance(c, str) else c[0] for c in refreshed[0]["choices"]]
+
+
+def test_build_ui_without_host_shows_the_message():
+    import gradio as gr
+    from clora.ui import build_ui
+
+    with gr.Blocks() as demo:
+        comps, _ = build_ui(False, None, message="CLoRA does not support Forge yet.")
+    assert comps[ARG_NAMES.index("b1_lora")].choices in (["None"], [("None", "None")])
+    html = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "clora_txt2img_message"]
+    assert html and "Forge" in html[0].value
