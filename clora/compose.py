@@ -133,6 +133,8 @@ class Composer:
     space: str = "k"
     should_stop: Callable[[], bool] = lambda: False
     unet: Optional[torch.nn.Module] = None  # frozen and un-checkpointed during gradient passes (see `_grad_pass`)
+    #: extra host context for gradient passes (Forge: leave inference mode, normal copies of the weights)
+    grad_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None
     batched: bool = True  # False: one model call per variant (for benchmarks; same results up to float rounding)
     history: list[StepRecord] = field(default_factory=list)
     last_maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) cond-row maps of the last call
@@ -262,11 +264,13 @@ class Composer:
 
     def _grad_pass(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn):
         V, B = conds.shape[:2]
-        with self._hooks(), self._gradient_mode(), torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        host = self.grad_context() if self.grad_context is not None else contextlib.nullcontext()
+        with host, self._hooks(), self._gradient_mode(), torch.enable_grad():
+            # clones: the host's tensors may be inference tensors, which autograd cannot save
+            xg = x.detach().clone().requires_grad_(True)
             x_in = xg.repeat(V, *([1] * (x.dim() - 1)))
-            sigma_in = sigma.repeat(V)
-            cond_in = conds.reshape(V * B, *conds.shape[2:])
+            sigma_in = sigma.detach().clone().repeat(V)
+            cond_in = conds.detach().clone().reshape(V * B, *conds.shape[2:])
             self.rows.plan = self.plan.row_plan(B, uncond=False, cond=True)
             self.capture.reset()
             self.capture.configure(size=self.map_size, grad=True, stop_after_last=True)

@@ -1,6 +1,6 @@
 """Host glue for the WebUIs, chosen by feature detection (never by version strings).
 
-Each glue module (``a1111``, later ``forge``) offers the same small interface, used by ``scripts/clora.py``:
+Each glue module (``a1111``, ``forge``) offers the same small interface, used by ``scripts/clora.py``:
 ``lora_names()``, ``trigger_words(name)``, ``before_process_batch(p, settings)``, ``process_batch(p, settings)``,
 ``postprocess_batch(p)`` and ``run_of(p)``.
 """

@@ -171,14 +171,32 @@ class A1111Run:
         except (CloraError, LoraError, PromptError, SettingsError, ValueError) as exc:
             self.error = exc
 
+    # Host specifics (Forge's run overrides these) ----------------------------------------------------------
+    def model_family(self) -> str:
+        return _model_family(self.p.sd_model)
+
+    def check_gradients(self) -> None:
+        check_gradients_possible(self.p.sd_model)
+
+    def host_tokenizer(self) -> A1111Tokenizer:
+        return A1111Tokenizer(self.p.sd_model.cond_stage_model)
+
+    def unet_module(self) -> torch.nn.Module:
+        return self.p.sd_model.model.diffusion_model
+
+    def text_module(self) -> torch.nn.Module:
+        return _text_model(self.p.sd_model)
+
+    def lora_file(self, name: str) -> Path:
+        return find_lora_file(name)
+
     def _prepare(self) -> None:
         p, s = self.p, self.settings
         s.validate()
-        sd_model = p.sd_model
-        family = _model_family(sd_model)
+        family = self.model_family()
         if family != "sd1":
             raise CloraError(f"CLoRA supports SD 1.x models for now; the loaded model is {family.upper()}")
-        check_gradients_possible(sd_model)
+        self.check_gradients()
         prompts = list(p.prompts)
         if len(set(prompts)) > 1:
             raise CloraError("CLoRA needs the same prompt for every image of a batch; use Batch count instead of Batch size")
@@ -187,18 +205,18 @@ class A1111Run:
         # Token positions are taken on the prompt as it reads at the last step (prompt editing resolved).
         schedule = prompt_parser.get_learned_conditioning_prompt_schedules([prompts[0]], p.steps)[0]
         self.prompt = schedule[-1][1]
-        self.tokenizer = A1111Tokenizer(sd_model.cond_stage_model)
+        self.tokenizer = self.host_tokenizer()
         self.variants = build_variants(self.prompt, s.bindings, self.tokenizer)
         self.plan = build_compose_plan(self.variants.groups, self.variants.mask_tokens, s)
 
         names = [b.lora for b in s.bindings] + [st.lora for st in s.styles]
         self.loras: list[LoraFile] = []
         for n in names:
-            lora = load_lora(find_lora_file(n))
+            lora = load_lora(self.lora_file(n))
             check_family(lora, family)
             self.loras.append(lora)
-        self.unet = sd_model.model.diffusion_model
-        self.text = _text_model(sd_model)
+        self.unet = self.unet_module()
+        self.text = self.text_module()
         unet_t, text_t = [], []
         for idx, lora in enumerate(self.loras):
             res = resolve(lora, unet=self.unet, text_model=self.text)

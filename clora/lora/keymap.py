@@ -40,7 +40,7 @@ from typing import Optional
 from torch import nn
 
 from .dense import shape_problem
-from .types import LoraError, LoraFile, LoraModule
+from .types import LoraError, LoraFile, LoraModule, is_linear, is_target
 
 __all__ = [
     "HOST_ROOTS", "full_path", "unet_paths", "unet_stem_table", "text_paths", "text_stem_table", "ResolvedLora",
@@ -56,7 +56,6 @@ HOST_ROOTS: dict[str, dict[str, str]] = {
     "forge": {"unet": "diffusion_model", "text": "clip_l.transformer"},
 }
 
-_TARGET_TYPES = (nn.Linear, nn.Conv2d)
 
 _RESNET_INTERNALS = {
     "in_layers.2": "conv1",
@@ -171,7 +170,7 @@ def unet_paths(unet: nn.Module) -> dict[str, str]:
     blocks = _block_prefixes(unet)
     table: dict[str, str] = {}
     for path, module in unet.named_modules():
-        if not isinstance(module, _TARGET_TYPES):
+        if not is_target(module):
             continue
         if path in _FIXED:
             table[_FIXED[path]] = path
@@ -195,7 +194,7 @@ def unet_stem_table(unet: nn.Module) -> dict[str, str]:
     for dpath, lpath in unet_paths(unet).items():
         table[stem("lora_unet_", dpath)] = lpath
     for lpath, module in unet.named_modules():
-        if isinstance(module, _TARGET_TYPES) and lpath:
+        if is_target(module) and lpath:
             table.setdefault(stem("lora_unet_", lpath), lpath)
     return table
 
@@ -208,7 +207,7 @@ def text_paths(text_model: nn.Module) -> dict[str, str]:
     Accepts a ``CLIPTextModel`` (paths start with ``text_model.``) or its inner ``CLIPTextTransformer``.
     """
     prefix = "" if hasattr(text_model, "text_model") else "text_model."
-    return {prefix + path: path for path, m in text_model.named_modules() if isinstance(m, nn.Linear)}
+    return {prefix + path: path for path, m in text_model.named_modules() if is_linear(m)}
 
 
 def text_stem_table(text_model: nn.Module, prefix: str = "lora_te_") -> dict[str, str]:

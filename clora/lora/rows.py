@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .types import LoraError, LoraModule
+from .types import LoraError, LoraModule, is_conv2d, is_linear
 
 __all__ = ["RowPlan", "RowGroup", "LoraRows", "Target", "targets_of"]
 
@@ -168,7 +168,8 @@ class RowPlan:
         key = (torch.device(device), dtype)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._build_groups(*key)
+            with torch.inference_mode(False):  # index tensors a gradient pass may save (see _ModuleHook)
+                cached = self._build_groups(*key)
             self._cache[key] = cached
         return cached
 
@@ -207,9 +208,9 @@ def _module_kind(module: nn.Module, key: str) -> str:
             f"LoRA module {key} targets the out_proj of a torch MultiheadAttention, whose forward never calls it; "
             "per-row LoRA cannot reach it."
         )
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return "linear"
-    if isinstance(module, nn.Conv2d):
+    if is_conv2d(module):
         return "conv"
     raise LoraError(
         f"LoRA module {key} targets a {type(module).__name__}; per-row LoRA supports Linear and Conv2d layers only."
@@ -322,7 +323,7 @@ def _scale_rows(h: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tenso
 
 def _delta(module: nn.Module, p: _Prepared, x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """``weights[i] * ΔW x[i]`` for the gathered rows ``x`` (per-row weights applied at the cheapest point)."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         if p.dense is not None:
             return F.linear(_scale_rows(x, weights), p.dense)
         h = _scale_rows(F.linear(x, p.down), weights)
@@ -357,7 +358,7 @@ class _ModuleHook:
         self.owner = owner
         self.entries = entries
         self.name = entries[0].lora.key
-        self.is_conv = isinstance(module, nn.Conv2d)
+        self.is_conv = is_conv2d(module)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         plan = self.owner.plan
@@ -384,7 +385,10 @@ class _ModuleHook:
                 continue
             p = entry.prepared.get((x.device, x.dtype))
             if p is None:
-                p = _prepare(module, entry.lora, x.device, x.dtype)
+                # normal tensors even when the host runs under inference mode (Forge), so a later gradient pass
+                # may save them for backward
+                with torch.inference_mode(False):
+                    p = _prepare(module, entry.lora, x.device, x.dtype)
                 entry.prepared[(x.device, x.dtype)] = p
             d = _delta(module, p, group.gather(x), group.weights).to(result.dtype)
             if fresh:

@@ -114,3 +114,29 @@ class LoraFile:
     @property
     def has_unet(self) -> bool:
         return any(k.startswith("lora_unet") for k in self.modules)
+
+
+def is_linear(module) -> bool:
+    """A linear layer: ``nn.Linear``, or any module shaped like one (``in_features``, ``out_features`` and a
+    ``(out_features, in_features)`` weight) — hosts build their UNets from their own Linear classes (Forge's
+    operations are plain ``nn.Module``s that call ``F.linear``).  Feature detection, not class names."""
+    import torch.nn as nn
+
+    if isinstance(module, nn.Linear):
+        return True
+    w = getattr(module, "weight", None)
+    fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (
+        isinstance(fin, int) and isinstance(fout, int) and isinstance(w, torch.Tensor) and tuple(w.shape) == (fout, fin)
+    )
+
+
+def is_conv2d(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, nn.Conv2d)
+
+
+def is_target(module) -> bool:
+    """A module a LoRA can target (Linear-like or Conv2d)."""
+    return is_linear(module) or is_conv2d(module)

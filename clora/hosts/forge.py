@@ -1,0 +1,291 @@
+"""Stable Diffusion WebUI Forge glue.  The only module that imports Forge's ``backend.*`` (lazily, inside functions).
+
+Forge shares A1111's script API, prompt parser and LoRA folder, so the per-generation preparation is A1111's
+(`A1111Run`, subclassed here for where Forge keeps the UNet, the text encoder and the tokenizer).  Sampling differs:
+
+* ``process_before_every_sampling`` (called before the first pass and again before a hires pass) patches a *clone*
+  of ``p.sd_model.forge_objects.unet`` — Forge rebuilds ``forge_objects`` for every batch and pass, so nothing
+  outlives the pass — with
+  - a conditioning modifier, which receives the sampler's own ``x`` and performs the contrastive latent update in
+    place (Forge samples under ``torch.inference_mode()``: the gradient pass runs inside
+    `clora.gradmode.inference_safe_gradients`, which leaves inference mode, gives autograd normal copies of the
+    weights and shields LayerNorm inputs from Forge's in-place residual adds, and restores everything);
+  - a UNet function wrapper, which answers the base cond/uncond rows with CLoRA's fused predictions from one batched
+    call over every variant's rows; Forge then applies CFG.
+* bound ``<lora:>`` tags are removed before Forge merges networks, as in A1111.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..compose import Composer
+from ..gradmode import inference_safe_gradients
+from ..lora.types import LoraError
+from ..settings import CloraSettings
+from .a1111 import A1111Host, A1111Run, A1111Tokenizer
+from .common import CloraError, pad_tokens, rows_cond, step_from_calls
+
+__all__ = ["is_available", "ForgeHost", "ForgeRun"]
+
+_RUN_ATTR = "_clora_run"
+_COND, _UNCOND = 0, 1
+
+
+def is_available() -> bool:
+    """Forge: its ``backend`` package with the UNet patcher, and A1111's script modules."""
+    try:
+        return (
+            importlib.util.find_spec("backend.patcher.unet") is not None
+            and importlib.util.find_spec("modules.sd_samplers_cfg_denoiser") is not None
+        )
+    except (ImportError, ValueError):
+        return False
+
+
+def _lora_index():
+    mod = sys.modules.get("networks")
+    if mod is None or not hasattr(mod, "available_network_aliases"):
+        try:
+            mod = importlib.import_module("networks")
+        except Exception:
+            return None
+    return mod
+
+
+def find_lora_file(name: str) -> Path:
+    net = _lora_index()
+    if net is None:
+        raise LoraError("Forge's built-in LoRA extension is not loaded, so LoRA names cannot be looked up")
+    entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
+    if entry is None:
+        net.list_available_networks()
+        entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
+    if entry is None:
+        raise LoraError(f"LoRA '{name}' not found in the LoRA folder (refresh the list, or check the name)")
+    return Path(entry.filename)
+
+
+def _transformer_options(base: dict, chunks: list[int], sigma: torch.Tensor) -> dict:
+    """Forge's per-call transformer options for our row layout (chunks of B rows, COND=0/UNCOND=1)."""
+    opts = dict(base or {})
+    opts["cond_or_uncond"] = list(chunks)
+    opts["sigmas"] = sigma
+    try:
+        from backend.sampling.sampling_function import compute_cond_indices, compute_cond_mark
+
+        opts["cond_mark"] = compute_cond_mark(cond_or_uncond=chunks, sigmas=sigma)
+        opts["cond_indices"], opts["uncond_indices"] = compute_cond_indices(cond_or_uncond=chunks, sigmas=sigma)
+    except ImportError:
+        pass
+    return opts
+
+
+@dataclass
+class ForgeRun(A1111Run):
+    """One batch of one generation in Forge."""
+
+    pass_state: dict = field(default_factory=dict)
+
+    # host specifics ---------------------------------------------------------------------------------------
+    def model_family(self) -> str:
+        m = self.p.sd_model
+        for flag, name in (("is_sdxl", "sdxl"), ("is_sd3", "sd3"), ("is_flux", "flux"), ("is_sd2", "sd2")):
+            if getattr(m, flag, False):
+                return name
+        return "sd1" if getattr(m, "is_sd1", False) else "unknown"
+
+    def check_gradients(self) -> None:
+        unet = self.p.sd_model.forge_objects.unet
+        if getattr(unet, "has_online_lora", lambda: False)():
+            raise CloraError(
+                "CLoRA cannot run with Forge's online LoRA mode (fp8/nf4/gguf weights cannot take gradients); "
+                "use an fp16/fp32 model"
+            )
+        dm = unet.model.diffusion_model
+        if any(not p.is_floating_point() for p in dm.parameters()):
+            raise CloraError("CLoRA needs a floating-point UNet (quantised fp8/nf4/gguf models cannot take gradients)")
+
+    def host_tokenizer(self) -> A1111Tokenizer:
+        return A1111Tokenizer(self.p.sd_model.text_processing_engine)
+
+    def unet_module(self) -> torch.nn.Module:
+        return self.p.sd_model.forge_objects.unet.model.diffusion_model
+
+    def text_module(self) -> torch.nn.Module:
+        clip = self.p.sd_model.forge_objects.clip.cond_stage_model
+        tr = getattr(getattr(clip, "clip_l", None), "transformer", None)
+        if tr is None or not hasattr(tr, "text_model"):
+            raise CloraError("CLoRA could not find the CLIP-L text encoder of this model")
+        return tr
+
+    def lora_file(self, name: str) -> Path:
+        return find_lora_file(name)
+
+    # sampling ---------------------------------------------------------------------------------------------
+    def patch_unet(self) -> None:
+        """Before every sampling pass: encode the variants and patch a clone of Forge's UNet patcher."""
+        p = self.p
+        if self.error is not None:
+            return
+        hires = bool(getattr(p, "is_hr_pass", False))
+        if hires and self.composer is None:
+            return
+        if hires and getattr(p, "hr_prompt", "") not in ("", p.prompt):
+            self.report.notes.append("hires pass ran without CLoRA (its prompt differs)")
+            return
+        steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
+        self.encode_variants(steps)
+        self.pass_state = {"hires": hires, "steps": steps, "step_key": None, "fused": None}
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.add_conditioning_modifier(self._conditioning_modifier)
+        unet.set_model_unet_function_wrapper(self._unet_wrapper)
+        p.sd_model.forge_objects.unet = unet
+
+    def _denoiser(self):
+        sampler = getattr(self.p, "sampler", None)
+        return getattr(sampler, "model_wrap_cfg", None)
+
+    def _step(self) -> tuple[int, int]:
+        """(call index of the current denoiser evaluation, sampler step)."""
+        d = self._denoiser()
+        calls = int(getattr(d, "step", 0) or 0)
+        steps = int(getattr(d, "steps", None) or self.pass_state["steps"])
+        return calls, step_from_calls(calls, steps, getattr(d, "total_steps", None))
+
+    def _composer_for(self, x: torch.Tensor) -> Composer:
+        hires = self.pass_state["hires"]
+        size = (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
+        if self.composer is not None and (not hires or self.composer.map_size == size):
+            return self.composer
+        unet = self.unet
+        composer = Composer(
+            settings=self.settings, plan=self.plan, rows=self.unet_rows, capture=self.capture, unet=unet,
+            map_size=size, total_steps=self.pass_state["steps"], space="k", should_stop=self._should_stop,
+            grad_context=lambda: inference_safe_gradients(unet),
+        )
+        if hires and self.composer is not None and self.composer.last_masks is not None:
+            composer.fixed_masks = self.composer.last_masks
+        self.composer = composer
+        return composer
+
+    def _conditioning_modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        """Forge calls this once per denoiser evaluation with the sampler's own ``x``: the latent update."""
+        if self._should_stop():
+            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+        calls, step = self._step()
+        self.pass_state["applied"] = self.pass_state.get("applied", 0) + 1
+        uncond_t = uncond[0]["cross_attn"] if uncond else None
+        conds, uncond_t = self._conds(calls, uncond_t, x)
+        c_concat = None
+        if cond and "c_concat" in cond[0].get("model_conds", {}):
+            c_concat = cond[0]["model_conds"]["c_concat"].cond
+        self.pass_state.update(step_key=calls, fused=None, uncond=uncond_t, conds=conds, c_concat=c_concat,
+                               sigma=timestep, x=x, model=model, options=model_options.get("transformer_options", {}))
+        composer = self._composer_for(x)
+        if not self.pass_state["hires"]:
+            composer.update(x, timestep, conds, self._model_fn(model, c_concat, timestep, x.shape[0], True), step)
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def _conds(self, calls: int, uncond: Optional[torch.Tensor], x: torch.Tensor):
+        from modules import prompt_parser
+
+        conds = [prompt_parser.reconstruct_cond_batch(c, calls) for c in self.variant_schedules]
+        if uncond is None:  # CFG scale 1: Forge drops the uncond; fuse against an empty-prompt encoding
+            uncond = torch.zeros_like(conds[0])
+        empty = getattr(self.p.sd_model, "cond_stage_model_empty_prompt", None)
+        padded = pad_tokens([c.to(x.device) for c in conds] + [uncond.to(x.device)], empty)
+        return torch.stack(padded[:-1]), padded[-1]
+
+    def _model_fn(self, model, c_concat, sigma, batch: int, cond_only: bool):
+        V = self.plan.n_variants
+        base = self.pass_state.get("options", {})
+
+        def fn(x_rows, sigma_rows, cond_rows):
+            n = x_rows.shape[0]
+            if cond_only:
+                chunks = [_COND] * (n // batch)
+            else:
+                chunks = [_UNCOND] * V + [_COND] * V
+            kw = {"c_crossattn": cond_rows, "transformer_options": _transformer_options(base, chunks, sigma)}
+            if c_concat is not None:
+                idx = torch.arange(n, device=c_concat.device) % batch
+                kw["c_concat"] = rows_cond({"c_concat": c_concat}, cond_rows, idx, key="c_crossattn")["c_concat"]
+            return model.apply_model(x_rows, sigma_rows, **kw)
+
+        return fn
+
+    def _unet_wrapper(self, apply_model, args: dict) -> torch.Tensor:
+        """Forge's model call for a batch of (cond/uncond) chunks: answered with the fused predictions."""
+        st = self.pass_state
+        x_in, chunks = args["input"], list(args["cond_or_uncond"])
+        if st.get("x") is None or self._should_stop():
+            return apply_model(x_in, args["timestep"], **args["c"])
+        B = st["x"].shape[0]
+        if st["fused"] is None:
+            _, step = self._step()
+            composer = self._composer_for(st["x"])
+            fn = self._model_fn(st["model"], st["c_concat"], st["sigma"], B, False)
+            u, c = composer.predict(st["x"], st["sigma"], st["uncond"], st["conds"], fn, step)
+            st["fused"] = {_COND: c, _UNCOND: u}
+        out = torch.cat([st["fused"][k] for k in chunks]).to(x_in.dtype)
+        if out.shape != x_in.shape:
+            raise CloraError("CLoRA does not support AND-composed prompts or regional conditioning in Forge")
+        return out
+
+
+class ForgeHost(A1111Host):
+    """The script's host object in Forge (same hooks as A1111, plus ``process_before_every_sampling``)."""
+
+    name = "forge"
+
+    def lora_names(self) -> list[str]:
+        net = _lora_index()
+        return [] if net is None else sorted(net.available_networks.keys(), key=str.lower)
+
+    def trigger_words(self, name: str) -> list[str]:
+        from ..lora.files import load_lora
+
+        try:
+            return load_lora(find_lora_file(name)).trigger_words
+        except LoraError:
+            return []
+
+    def process_batch(self, p, settings: CloraSettings) -> None:
+        if not settings.enabled or not settings.bindings:
+            return
+        run = ForgeRun(p=p, settings=settings)
+        run.prepare()
+        setattr(p, _RUN_ATTR, run)
+        original = p.sample  # bound method of this p; the wrapper is an attribute of this p only
+
+        def sample(*a, **kw):
+            if run.error is not None:
+                raise CloraError(f"CLoRA: {run.error}") from run.error
+            out = original(*a, **kw)
+            # Forge only logs exceptions of process_before_every_sampling: report them here, and never let a
+            # binding be ignored silently (e.g. another extension replaced the UNet patch).
+            if run.error is not None:
+                raise CloraError(f"CLoRA: {run.error}") from run.error
+            if not run.pass_state.get("applied") and not run._should_stop():
+                raise CloraError("CLoRA was not applied: Forge's UNet patch did not run (another extension may "
+                                 "have replaced it)")
+            return out
+
+        p.sample = sample
+
+    def process_before_every_sampling(self, p, settings: CloraSettings) -> None:
+        run = self.run_of(p)
+        if run is None or not settings.enabled:
+            return
+        try:
+            run.patch_unet()
+        except (CloraError, LoraError, ValueError) as exc:
+            run.error = exc
+            raise CloraError(f"CLoRA: {exc}") from exc
