@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .settings import (
@@ -453,8 +454,12 @@ def _lora_choices(host: Any) -> list[str]:
     return [NO_LORA] + [n for n in names if n != NO_LORA]
 
 
-def suggested_triggers(host: Any, lora: Any) -> str:
-    """The first trigger word the host suggests for ``lora`` ("" when none or on any problem)."""
+def suggested_triggers(host: Any, lora: Any, subjects: Any = "") -> str:
+    """The first trigger word the host suggests for ``lora`` ("" when none or on any problem).
+
+    The binding's own subject words are taken out of the suggestion: a LoRA tagged "sks dog" bound to "dog" gets
+    the trigger "sks" (the variant then reads "a sks dog", not "a sks dog dog").
+    """
     name = _lora_name(lora, "LoRA") if isinstance(lora, (str, type(None))) else ""
     if host is None or not name:
         return ""
@@ -462,7 +467,16 @@ def suggested_triggers(host: Any, lora: Any) -> str:
         words = list(host.trigger_words(name))
     except Exception:  # metadata is a convenience; a broken file is reported when generating
         return ""
-    return str(words[0]).strip() if words else ""
+    text = subjects if isinstance(subjects, str) else ""
+    subject_words = [w.strip() for w in text.split(SUBJECT_SEPARATOR) if w.strip()]
+    for word in words:
+        cleaned = str(word)
+        for subject in subject_words:
+            cleaned = re.sub(rf"(?i)(?<!\w){re.escape(subject)}(?!\w)", " ", cleaned)
+        cleaned = " ".join(cleaned.split())
+        if cleaned:
+            return cleaned
+    return ""
 
 
 def _clamp_count(value: Any, lo: int, hi: int) -> int:
@@ -631,7 +645,7 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
     refresh.click(fn=refresh_lists, inputs=[], outputs=dropdowns, show_progress=False)
 
     for n in range(1, MAX_BINDINGS + 1):
-        _wire_trigger_prefill(gr, host, c[f"b{n}_lora"], c[f"b{n}_triggers"])
+        _wire_trigger_prefill(gr, host, c[f"b{n}_lora"], c[f"b{n}_triggers"], c[f"b{n}_subjects"])
 
     # Row fields repeat their labels, and the WebUI keys saved UI defaults (ui-config.json) by label: keep them out
     # of it, so one row's saved value never becomes another row's default.
@@ -693,7 +707,7 @@ def _wire_rows(gr, counter, add_button, remove_button, rows, row_components, *, 
     counter.change(fn=show, inputs=[counter], outputs=rows, show_progress=False)
 
 
-def _wire_trigger_prefill(gr, host, dropdown, triggers) -> None:
+def _wire_trigger_prefill(gr, host, dropdown, triggers, subjects_box) -> None:
     """When the user picks a LoRA and the trigger box is empty, fill in the LoRA's first suggested trigger word.
 
     Listens to 'select' (a user's choice only, with the chosen item in the event data), so that infotext paste,
@@ -704,12 +718,12 @@ def _wire_trigger_prefill(gr, host, dropdown, triggers) -> None:
     if event is None or select_data is None:
         return
 
-    def prefill(current, evt):
+    def prefill(current, subjects, evt):
         if isinstance(current, str) and current.strip():
             return gr.update()
-        words = suggested_triggers(host, getattr(evt, "value", None))
+        words = suggested_triggers(host, getattr(evt, "value", None), subjects)
         return gr.update(value=words) if words else gr.update()
 
     # gradio passes the event data to the parameter annotated with SelectData (a class object, not a string).
-    prefill.__annotations__ = {"current": str, "evt": select_data}
-    event(fn=prefill, inputs=[triggers], outputs=[triggers], show_progress=False)
+    prefill.__annotations__ = {"current": str, "subjects": str, "evt": select_data}
+    event(fn=prefill, inputs=[triggers, subjects_box], outputs=[triggers], show_progress=False)

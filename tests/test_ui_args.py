@@ -262,7 +262,7 @@ class FakeHost:
     def trigger_words(self, name):
         if name == "broken":
             raise OSError("cannot read")
-        return {"cat_v1": ["sks", "cat"]}.get(name, [])
+        return {"cat_v1": ["sks", "cat"], "dog_v1": ["sks dog", "dog"]}.get(name, [])
 
 
 def _fn(demo, name):
@@ -312,15 +312,18 @@ def test_build_ui_smoke():
         def __init__(self, value):
             self.value = value
 
-    assert prefill("", Evt("cat_v1")).get("value") == "sks"
+    assert prefill("", "", Evt("cat_v1")).get("value") == "sks"
+    # the binding's own subject is taken out of a suggested tag ("sks dog" bound to "dog" -> "sks")
+    assert prefill("", "dog", Evt("dog_v1")).get("value") == "sks"
+    assert prefill("", "", Evt("dog_v1")).get("value") == "sks dog"
     # gradio hands the select event's data to the parameter annotated with SelectData
     from gradio.helpers import special_args
 
     b1_lora = comps[ARG_NAMES.index("b1_lora")]
-    filled, *_ = special_args(prefill, [""], None, gr.SelectData(b1_lora, {"index": 1, "value": "cat_v1"}))
+    filled, *_ = special_args(prefill, ["", "cat"], None, gr.SelectData(b1_lora, {"index": 1, "value": "cat_v1"}))
     assert prefill(*filled).get("value") == "sks"
-    assert "value" not in prefill("mine", Evt("cat_v1"))
-    assert "value" not in prefill("", Evt("broken"))
+    assert "value" not in prefill("mine", "", Evt("cat_v1"))
+    assert "value" not in prefill("", "", Evt("broken"))
 
     host.names.append("owl_v2")
     refreshed = _fn(demo, "refresh_lists")[0]()

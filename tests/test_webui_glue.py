@@ -326,7 +326,7 @@ def test_xyz_axes_registered_once_and_override_per_cell():
         by_label["[CLoRA] Enabled"].apply(pc, "True", None)
         by_label["[CLoRA] Mask threshold \u03bb"].apply(pc, threshold, None)
         by_label["[CLoRA] Binding 2 weight"].apply(pc, 0.5, None)
-        pc.extra_generation_params = {}
+        # the cells share p's extra_generation_params dict (shallow copies), as in the X/Y/Z plot script
         glue.on_process(pc, disabled, RecordingHost())
         cells.append(pc)
     assert not hasattr(p, glue.OVERRIDES_ATTR)

@@ -206,7 +206,13 @@ class A1111Run:
         schedule = prompt_parser.get_learned_conditioning_prompt_schedules([prompts[0]], p.steps)[0]
         self.prompt = schedule[-1][1]
         self.tokenizer = self.host_tokenizer()
-        self.variants = build_variants(self.prompt, s.bindings, self.tokenizer)
+        try:
+            self.variants = build_variants(self.prompt, s.bindings, self.tokenizer)
+        except PromptError as exc:
+            if self.prompt != prompts[0] and "not in the prompt" in str(exc):
+                raise PromptError(f"{exc} (CLoRA reads the prompt as it is at the last step, after prompt editing: "
+                                  f"'{self.prompt}')") from exc
+            raise
         self.plan = build_compose_plan(self.variants.groups, self.variants.mask_tokens, s)
 
         names = [b.lora for b in s.bindings] + [st.lora for st in s.styles]

@@ -87,6 +87,20 @@ def _transformer_options(base: dict, chunks: list[int], sigma: torch.Tensor) -> 
     return opts
 
 
+class _Shared:
+    """A callback stored in Forge's ``model_options``, which Forge deep-copies on every ``clone()`` (a hires pass
+    clones the patched UNet again): copies share this run's callback instead of trying to copy the run."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 @dataclass
 class ForgeRun(A1111Run):
     """One batch of one generation in Forge."""
@@ -144,8 +158,8 @@ class ForgeRun(A1111Run):
         self.encode_variants(steps)
         self.pass_state = {"hires": hires, "steps": steps, "step_key": None, "fused": None}
         unet = p.sd_model.forge_objects.unet.clone()
-        unet.add_conditioning_modifier(self._conditioning_modifier)
-        unet.set_model_unet_function_wrapper(self._unet_wrapper)
+        unet.add_conditioning_modifier(_Shared(self._conditioning_modifier))
+        unet.set_model_unet_function_wrapper(_Shared(self._unet_wrapper))
         p.sd_model.forge_objects.unet = unet
 
     def _denoiser(self):
@@ -286,6 +300,6 @@ class ForgeHost(A1111Host):
             return
         try:
             run.patch_unet()
-        except (CloraError, LoraError, ValueError) as exc:
+        except Exception as exc:  # Forge only logs it: keep it so that this generation's sampling reports it
             run.error = exc
             raise CloraError(f"CLoRA: {exc}") from exc

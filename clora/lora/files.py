@@ -296,7 +296,8 @@ def load_lora(path: Union[str, Path], max_tags: int = 20) -> LoraFile:
     if not p.is_file():
         raise LoraError(f"LoRA '{name}': file {p} does not exist.")
     try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
+        # normal tensors even when called under torch.inference_mode() (Forge): gradient passes may save them
+        with torch.inference_mode(False), safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad headers

@@ -270,7 +270,7 @@ def _prepare(module: nn.Module, lora: LoraModule, device: torch.device, dtype: t
                 f"LoRA module {lora.key} gives a delta of shape {tuple(dense.shape)} for a layer weight of shape "
                 f"{tuple(module.weight.shape)}."
             )
-        return _Prepared(dense=dense.detach().to(device=device, dtype=dtype))
+        return _Prepared(dense=_normal(dense.detach().to(device=device, dtype=dtype)))
     down, mid, up = (t.detach() if t is not None else None for t in factors)
     if kind == "linear":
         down, up = _as_linear(down, lora.key, "down"), _as_linear(up, lora.key, "up")
@@ -283,10 +283,16 @@ def _prepare(module: nn.Module, lora: LoraModule, device: torch.device, dtype: t
     # fold the scale in (at least) float32, then cast once
     up = up.to(device=device, dtype=torch.promote_types(dtype, torch.float32)) * float(lora.scale)
     return _Prepared(
-        down=down.to(device=device, dtype=dtype),
-        mid=mid.to(device=device, dtype=dtype) if mid is not None else None,
-        up=up.to(dtype=dtype),
+        down=_normal(down.to(device=device, dtype=dtype)),
+        mid=_normal(mid.to(device=device, dtype=dtype)) if mid is not None else None,
+        up=_normal(up.to(dtype=dtype)),
     )
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd may save: a no-op ``.to()`` returns the file's own tensor, which is an inference tensor
+    when the host loaded it under ``torch.inference_mode()``."""
+    return t.clone() if t.is_inference() else t
 
 
 # --------------------------------------------------------------------------------------------------------------------
