@@ -135,7 +135,10 @@ class Composer:
     unet: Optional[torch.nn.Module] = None  # frozen and un-checkpointed during gradient passes (see `_grad_pass`)
     #: extra host context for gradient passes (Forge: leave inference mode, normal copies of the weights)
     grad_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None
-    batched: bool = True  # False: one model call per variant (for benchmarks; same results up to float rounding)
+    #: one model call over every variant's rows (True) or one call per variant (False); None: batched on GPUs
+    #: (launch-bound: more rows cost little) and per variant on the CPU (measured faster there: bench/cpu_engine.py).
+    #: The results are the same up to float rounding.
+    batched: Optional[bool] = None
     history: list[StepRecord] = field(default_factory=list)
     last_maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) cond-row maps of the last call
     last_masks: Optional[torch.Tensor] = None  # (B, V, 1, H, W) masks of the last call
@@ -305,7 +308,8 @@ class Composer:
             self.rows.plan = self.plan.row_plan(B, uncond=True, cond=True)
             self.capture.reset()
             self.capture.configure(size=self.map_size, grad=False, stop_after_last=False)
-            if self.batched:
+            batched = self.batched if self.batched is not None else x.device.type != "cpu"
+            if batched:
                 out = model(x_in, sigma_in, cond_in)
                 flat_maps = self.capture.maps()
             else:

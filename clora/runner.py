@@ -215,7 +215,7 @@ def generate(
     batch_size: int = 1,
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
-    batched: bool = True,
+    batched: Optional[bool] = None,
 ) -> GenerationResult:
     """Generate with CLoRA (or plainly, when ``settings.enabled`` is False: then exactly plain k-diffusion sampling)."""
     import k_diffusion as K
