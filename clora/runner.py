@@ -10,10 +10,8 @@ ldm, k-diffusion and omegaconf are imported lazily here (never by the rest of ``
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -218,8 +216,6 @@ def generate(
     batched: Optional[bool] = None,
 ) -> GenerationResult:
     """Generate with CLoRA (or plainly, when ``settings.enabled`` is False: then exactly plain k-diffusion sampling)."""
-    import k_diffusion as K
-
     t0 = time.perf_counter()
     settings.validate()
     sample = _sample_fn(sampler)

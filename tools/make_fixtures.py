@@ -18,7 +18,6 @@ Most tests do not call this directly: ``tests.models.fixtures_dir()`` generates 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys

@@ -19,7 +19,6 @@ How CLoRA rides on A1111's sampling (everything per generation; nothing outlives
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from ..lora.rows import LoraRows, RowPlan
 from ..lora.types import LoraError, LoraFile
 from ..prompts import PromptError, build_variants
 from ..settings import CloraSettings, SettingsError
-from .common import CloraError, RunReport, pad_tokens, rows_cond, step_from_calls, strip_lora_tags
+from .common import CloraError, RunReport, pad_tokens, step_from_calls, strip_lora_tags
 
 __all__ = ["is_available", "A1111Tokenizer", "A1111Host", "A1111Run"]
 

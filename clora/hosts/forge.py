@@ -16,18 +16,14 @@ Forge shares A1111's script API, prompt parser and LoRA folder, so the per-gener
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from ..compose import Composer
 from ..gradmode import inference_safe_gradients
-from ..lora.types import LoraError
 from ..settings import CloraSettings
 from .a1111 import A1111Host, A1111Run, A1111Tokenizer
 from .common import CloraError, pad_tokens, rows_cond, step_from_calls
@@ -47,29 +43,6 @@ def is_available() -> bool:
         )
     except (ImportError, ValueError):
         return False
-
-
-def _lora_index():
-    mod = sys.modules.get("networks")
-    if mod is None or not hasattr(mod, "available_network_aliases"):
-        try:
-            mod = importlib.import_module("networks")
-        except Exception:
-            return None
-    return mod
-
-
-def find_lora_file(name: str) -> Path:
-    net = _lora_index()
-    if net is None:
-        raise LoraError("Forge's built-in LoRA extension is not loaded, so LoRA names cannot be looked up")
-    entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
-    if entry is None:
-        net.list_available_networks()
-        entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
-    if entry is None:
-        raise LoraError(f"LoRA '{name}' not found in the LoRA folder (refresh the list, or check the name)")
-    return Path(entry.filename)
 
 
 def _transformer_options(base: dict, chunks: list[int], sigma: torch.Tensor) -> dict:
@@ -138,9 +111,6 @@ class ForgeRun(A1111Run):
         if tr is None or not hasattr(tr, "text_model"):
             raise CloraError("CLoRA could not find the CLIP-L text encoder of this model")
         return tr
-
-    def lora_file(self, name: str) -> Path:
-        return find_lora_file(name)
 
     # sampling ---------------------------------------------------------------------------------------------
     def patch_unet(self) -> None:
@@ -258,18 +228,6 @@ class ForgeHost(A1111Host):
     """The script's host object in Forge (same hooks as A1111, plus ``process_before_every_sampling``)."""
 
     name = "forge"
-
-    def lora_names(self) -> list[str]:
-        net = _lora_index()
-        return [] if net is None else sorted(net.available_networks.keys(), key=str.lower)
-
-    def trigger_words(self, name: str) -> list[str]:
-        from ..lora.files import load_lora
-
-        try:
-            return load_lora(find_lora_file(name)).trigger_words
-        except LoraError:
-            return []
 
     def process_batch(self, p, settings: CloraSettings) -> None:
         if not settings.enabled or not settings.bindings:
