@@ -160,7 +160,6 @@ class A1111Run:
     error: Optional[Exception] = None
     report: RunReport = field(default_factory=RunReport)
     composer: Optional[Composer] = None
-    hr_masks: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------------------------------------- prepare
     def prepare(self) -> None:
