@@ -10,8 +10,9 @@ Three forms of the same settings, all lossless:
 
   Options at their default value are left out; the enable flag and every binding's LoRA, subject and weight are always
   written (trigger and text-encoder weight only when set).  Several subjects of one binding are joined with ``|``
-  (``cat|kitten``): a comma would be taken by infotext as the end of the value.  Numbers are written in Python's
-  shortest exact form, so they read back bit for bit.  ``from_flat`` accepts every value as a string as well (the
+  (``cat|kitten``): a comma would be taken by infotext as the end of the value.  Numbers are written as A1111 writes
+  them, ``1`` for a whole number (an ``int`` in the dict) and Python's shortest exact form otherwise (``0.8``), so
+  they read back bit for bit; infotexts written as ``1.0`` (older versions) read the same.  ``from_flat`` accepts every value as a string as well (the
   infotext text round trip turns everything into strings, possibly JSON-quoted).  Two quirks of A1111's infotext
   parser are not worked around: a value shaped like ``512x512`` is split into two keys, and a value that starts and
   ends with ``"`` loses its quotes;
@@ -98,6 +99,16 @@ def _as_subjects(value: Any) -> tuple:
     else:
         items = value
     return tuple(_clean_text(s) for s in items)
+
+
+def _flat_number(x: Any) -> Any:
+    """A number as A1111 writes it into infotext: ``1`` (an ``int``) for a whole float, ``0.8`` otherwise; ``str``
+    of the result is the shortest exact text (``1``, ``0.8``, ``20``, ``1e-07``), which `_parse_float` reads back
+    bit for bit."""
+    negative_zero = x == 0 and math.copysign(1.0, x) < 0 if isinstance(x, float) else False
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer() and abs(x) < 2**53 and not negative_zero:
+        return int(x)
+    return x
 
 
 def _fmt_float(x: float) -> str:
@@ -382,12 +393,12 @@ class CloraSettings:
             out[f"{_PREFIX} {i} subject"] = SUBJECT_SEPARATOR.join(b.subjects)
             if b.triggers:
                 out[f"{_PREFIX} {i} trigger"] = b.triggers
-            out[f"{_PREFIX} {i} weight"] = b.weight
+            out[f"{_PREFIX} {i} weight"] = _flat_number(b.weight)
             if b.te_weight is not None:
-                out[f"{_PREFIX} {i} TE weight"] = b.te_weight
+                out[f"{_PREFIX} {i} TE weight"] = _flat_number(b.te_weight)
         for i, st in enumerate(self.styles, start=1):
             out[f"{_PREFIX} style {i} LoRA"] = st.lora
-            out[f"{_PREFIX} style {i} weight"] = st.weight
+            out[f"{_PREFIX} style {i} weight"] = _flat_number(st.weight)
             out[f"{_PREFIX} style {i} mode"] = st.mode
             if st.subjects:
                 out[f"{_PREFIX} style {i} subjects"] = SUBJECT_SEPARATOR.join(st.subjects)
@@ -399,7 +410,7 @@ class CloraSettings:
             if kind == "floats":
                 out[key] = ",".join(_fmt_float(x) for x in value) if value else "none"
             else:
-                out[key] = value
+                out[key] = _flat_number(value)
         return out
 
     @classmethod

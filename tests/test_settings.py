@@ -183,6 +183,34 @@ def test_to_flat_keys_and_defaults_left_out():
     assert CloraSettings().to_flat() == {"CLoRA": False}
 
 
+def test_flat_numbers_are_written_as_a1111_writes_them():
+    s = _two_bindings(styles=(StyleLora("ink", 1.0),), step_size=15.0, temperature=0.25,
+                      bindings=(Binding("cat_v1", ("cat",), weight=1.0, te_weight=-2.0), Binding("dog_v1", ("dog",), weight=0.8)))
+    flat = s.to_flat()
+    written = {k: str(v) for k, v in flat.items()}
+    assert written["CLoRA 1 weight"] == "1" and written["CLoRA 1 TE weight"] == "-2"
+    assert written["CLoRA 2 weight"] == "0.8"
+    assert written["CLoRA style 1 weight"] == "1"
+    assert written["CLoRA step size"] == "15" and written["CLoRA temperature"] == "0.25"
+    text = _infotext_write(flat)
+    assert "CLoRA 1 weight: 1, " in text and "CLoRA 2 weight: 0.8, " in text and "1.0" not in text
+    assert CloraSettings.from_flat(flat) == s
+    assert CloraSettings.from_flat(_infotext_read(text)) == s
+    # the values keep their type in the settings: floats, bit for bit
+    back = CloraSettings.from_flat(_infotext_read(text))
+    assert all(type(b.weight) is float for b in back.bindings) and type(back.step_size) is float
+    assert back.bindings[1].weight == 0.8 and back.temperature == 0.25
+
+
+def test_flat_reads_numbers_written_as_1_point_0():
+    old = ("CLoRA: True, CLoRA 1 LoRA: cat_v1, CLoRA 1 subject: cat, CLoRA 1 weight: 1.0, CLoRA 1 TE weight: -2.0, "
+           "CLoRA style 1 LoRA: ink, CLoRA style 1 weight: 1.0, CLoRA style 1 mode: whole, CLoRA step size: 15.0")
+    s = CloraSettings.from_flat(_infotext_read(old))
+    assert s == CloraSettings(enabled=True, bindings=(Binding("cat_v1", ("cat",), weight=1.0, te_weight=-2.0),),
+                              styles=(StyleLora("ink", 1.0),), step_size=15.0)
+    assert CloraSettings.from_flat(_infotext_read(_infotext_write(s.to_flat()))) == s
+
+
 def test_several_subjects_are_joined_with_a_bar():
     s = CloraSettings(enabled=True, bindings=(Binding("car", ("red car", "automobile")),))
     assert s.to_flat()["CLoRA 1 subject"] == "red car|automobile"
