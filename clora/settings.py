@@ -306,13 +306,13 @@ class CloraSettings:
         out: list[str] = []
         for name in ("enabled", "lora_on_uncond", "show_previews"):
             if not isinstance(getattr(self, name), bool):
-                out.append(f"{name} must be true or false, got {getattr(self, name)!r}.")
+                out.append(f"Setting {name} must be true or false, got {getattr(self, name)!r}.")
         if len(self.bindings) > MAX_BINDINGS:
             out.append(f"At most {MAX_BINDINGS} LoRA bindings are supported; {len(self.bindings)} were given.")
         if len(self.styles) > MAX_STYLES:
             out.append(f"At most {MAX_STYLES} style LoRAs are supported; {len(self.styles)} were given.")
         if self.enabled is True and not self.bindings:
-            out.append("CLoRA is enabled but no LoRA is bound to a subject.")
+            out.append("It is enabled, but no LoRA is bound to a subject.")
         owner: dict[str, int] = {}
         for number, b in enumerate(self.bindings, start=1):
             if not isinstance(b, Binding):
@@ -340,23 +340,25 @@ class CloraSettings:
             ("temperature", 0.0, TEMPERATURE_MAX, True),
             ("mask_start", 0.0, 1.0, False),
         ):
-            p = _range_problem(name, getattr(self, name), lo, hi, lo_open=lo_open)
+            p = _range_problem(f"Setting {name}", getattr(self, name), lo, hi, lo_open=lo_open)
             if p:
                 out.append(p)
-        p = _range_problem("mask_threshold", self.mask_threshold, 0.0, 1.0, lo_open=True, hi_open=True)
+        p = _range_problem("Setting mask_threshold", self.mask_threshold, 0.0, 1.0, lo_open=True, hi_open=True)
         if p:
             out.append(p)
         if len(self.refine_at) > MAX_REFINE_POINTS:
-            out.append(f"refine_at holds {len(self.refine_at)} points; at most {MAX_REFINE_POINTS} are supported.")
+            out.append(
+                f"Setting refine_at holds {len(self.refine_at)} points; at most {MAX_REFINE_POINTS} are supported."
+            )
         for x in self.refine_at:
-            p = _range_problem("refine_at: each point", x, 0.0, 1.0)
+            p = _range_problem("Setting refine_at: each point", x, 0.0, 1.0)
             if p:
                 out.append(p)
         it = self.refine_iters
         if not isinstance(it, int) or isinstance(it, bool) or not 0 <= it <= REFINE_ITERS_MAX:
-            out.append(f"refine_iters must be a whole number in 0..{REFINE_ITERS_MAX}, got {it!r}.")
+            out.append(f"Setting refine_iters must be a whole number in 0..{REFINE_ITERS_MAX}, got {it!r}.")
         if self.mask_morphology not in MORPHOLOGIES:
-            out.append(f"mask_morphology {self.mask_morphology!r} is not one of {', '.join(MORPHOLOGIES)}.")
+            out.append(f"Setting mask_morphology {self.mask_morphology!r} is not one of {', '.join(MORPHOLOGIES)}.")
         return out
 
     def validate(self) -> "CloraSettings":
@@ -482,20 +484,21 @@ class CloraSettings:
             try:
                 data = json.loads(data)
             except json.JSONDecodeError as exc:
-                raise SettingsError(f"CLoRA settings are not valid JSON: {exc.msg} (line {exc.lineno}).") from None
+                raise SettingsError(f"Settings are not valid JSON: {exc.msg} (line {exc.lineno}).") from None
         if not isinstance(data, Mapping):
-            raise SettingsError(f"CLoRA settings must be a JSON object, got {type(data).__name__}.")
-        _reject_unknown(data, _JSON_FIELDS, "CLoRA settings")
+            raise SettingsError(f"Settings must be a JSON object, got {type(data).__name__}.")
+        _reject_unknown(data, _JSON_FIELDS, "Settings")
         kwargs: dict[str, Any] = {}
         for name, kind in _JSON_FIELDS.items():
             if name not in data or name in ("bindings", "styles"):
                 continue
-            kwargs[name] = _parse_option(name, kind, data[name])
+            kwargs[name] = _parse_option(f"Setting {name}", kind, data[name])
         kwargs["bindings"] = tuple(
-            _binding_from_json(i, item) for i, item in enumerate(_as_list(data.get("bindings", []), "bindings"), 1)
+            _binding_from_json(i, item)
+            for i, item in enumerate(_as_list(data.get("bindings", []), "Setting bindings"), 1)
         )
         kwargs["styles"] = tuple(
-            _style_from_json(i, item) for i, item in enumerate(_as_list(data.get("styles", []), "styles"), 1)
+            _style_from_json(i, item) for i, item in enumerate(_as_list(data.get("styles", []), "Setting styles"), 1)
         )
         return cls(**kwargs).validate()
 

@@ -37,6 +37,7 @@ import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .errors import user_message
 from .settings import (
     MAX_BINDINGS,
     MAX_REFINE_POINTS,
@@ -231,7 +232,7 @@ def _style_from_args(n: int, row: Mapping[str, Any]) -> Optional[StyleLora]:
 def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
     if len(args) != len(ARG_NAMES):
         raise SettingsError(
-            f"CLoRA expects {len(ARG_NAMES)} positional arguments (see ARG_NAMES) or one JSON object, "
+            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES) or one JSON object, "
             f"got {len(args)} arguments."
         )
     a = dict(zip(ARG_NAMES, args))
@@ -246,19 +247,19 @@ def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
         if s is not None:
             styles.append(s)
     return CloraSettings(
-        enabled=_flag(a["enabled"], "enabled"),
+        enabled=_flag(a["enabled"], "Setting enabled"),
         bindings=tuple(bindings),
         styles=tuple(styles),
-        step_size=_number(a["step_size"], "step_size"),
-        opt_end=_number(a["opt_end"], "opt_end"),
-        refine_at=_fractions(a["refine_at"], "refine_at"),
-        refine_iters=_whole(a["refine_iters"], "refine_iters"),
-        temperature=_number(a["temperature"], "temperature"),
-        mask_threshold=_number(a["mask_threshold"], "mask_threshold"),
-        mask_morphology=_text(a["mask_morphology"], "mask_morphology"),
-        mask_start=_number(a["mask_start"], "mask_start"),
-        lora_on_uncond=_flag(a["lora_on_uncond"], "lora_on_uncond"),
-        show_previews=_flag(a["show_previews"], "show_previews"),
+        step_size=_number(a["step_size"], "Setting step_size"),
+        opt_end=_number(a["opt_end"], "Setting opt_end"),
+        refine_at=_fractions(a["refine_at"], "Setting refine_at"),
+        refine_iters=_whole(a["refine_iters"], "Setting refine_iters"),
+        temperature=_number(a["temperature"], "Setting temperature"),
+        mask_threshold=_number(a["mask_threshold"], "Setting mask_threshold"),
+        mask_morphology=_text(a["mask_morphology"], "Setting mask_morphology"),
+        mask_start=_number(a["mask_start"], "Setting mask_start"),
+        lora_on_uncond=_flag(a["lora_on_uncond"], "Setting lora_on_uncond"),
+        show_previews=_flag(a["show_previews"], "Setting show_previews"),
     )
 
 
@@ -290,7 +291,7 @@ def apply_overrides(settings: CloraSettings, overrides: Mapping[str, Any]) -> Cl
     bindings = list(settings.bindings)
     styles = list(settings.styles)
     for name, value in overrides.items():
-        where = f"CLoRA override '{name}'"
+        where = f"Override '{name}'"
         if name == "enabled":
             top[name] = _flag(value, where)
         elif name in OPTION_FIELDS:
@@ -537,7 +538,8 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
         if InputAccordion is None:
             c["enabled"] = _make(gr.Checkbox, False, label="Enable CLoRA", elem_id=eid("enabled"))
         if message:
-            _make(gr.HTML, f"<p class='clora-message'>{_html_escape(message)}</p>", elem_id=eid("message"))
+            text = _html_escape(user_message(message))
+            _make(gr.HTML, f"<p class='clora-message'>{text}</p>", elem_id=eid("message"))
         with _make(gr.Row, elem_id=eid("bindings_toolbar"), elem_classes=["clora-toolbar"]):
             _make(gr.HTML, "<span class='clora-heading'>LoRA bindings</span>", elem_id=eid("bindings_heading"))
             refresh = ToolButton("\U0001F504", elem_id=eid("refresh"))

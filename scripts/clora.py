@@ -33,7 +33,9 @@ def _detect_safely() -> HostDetection:
     try:
         return detect()
     except Exception as exc:  # a broken host must not break the WebUI's start-up
-        return HostDetection(None, "none", f"CLoRA could not start here: {exc}")
+        from clora.errors import detail
+
+        return HostDetection(None, "none", f"Could not start here: {detail(exc)}")
 
 
 class CloraScript(scripts.Script):

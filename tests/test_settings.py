@@ -140,8 +140,8 @@ def test_all_problems_are_reported_together():
     s = _two_bindings(temperature=-1.0, mask_morphology="x")
     problems = s.problems()
     assert len(problems) == 2
-    assert any(p.startswith("temperature") for p in problems)
-    assert any(p.startswith("mask_morphology") for p in problems)
+    assert any(p.startswith("Setting temperature") for p in problems)
+    assert any(p.startswith("Setting mask_morphology") for p in problems)
 
 
 def test_construction_normalises():

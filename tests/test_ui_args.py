@@ -336,7 +336,7 @@ def test_build_ui_without_host_shows_the_message():
     from clora.ui import build_ui
 
     with gr.Blocks() as demo:
-        comps, _ = build_ui(False, None, message="CLoRA does not support Forge yet.")
+        comps, _ = build_ui(False, None, message="Forge is not supported yet.")
     assert comps[ARG_NAMES.index("b1_lora")].choices in (["None"], [("None", "None")])
     html = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "clora_txt2img_message"]
-    assert html and "Forge" in html[0].value
+    assert html and "CLoRA: Forge is not supported yet." in html[0].value

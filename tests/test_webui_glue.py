@@ -200,7 +200,7 @@ def test_sample_restores_forward_on_error_and_interrupt(monkeypatch, cfg_denoise
 def test_sample_with_a_prepared_error_raises_before_touching_the_host(monkeypatch, cfg_denoiser):
     original = cfg_denoiser.__dict__["forward"]
     run = A1111Run(p=FakeP(), settings=CAT_DOG, error=ValueError("something wrong"))
-    with pytest.raises(CloraError, match="something wrong"):
+    with pytest.raises(CloraError, match=r"^CLoRA: Something wrong$"):
         run.sample(lambda: pytest.fail("the host's sampling must not run"))
     assert cfg_denoiser.__dict__["forward"] is original
 
@@ -287,11 +287,11 @@ def test_unexpected_host_failure_reaches_the_user(fail_in):
 
 def test_unavailable_host_reaches_the_user():
     p = FakeP()
-    glue.on_process(p, args_for(CAT_DOG), None, "CLoRA does not support Forge yet.")
+    glue.on_process(p, args_for(CAT_DOG), None, "Forge is not supported yet.")
     assert p.extra_generation_params["CLoRA"] is True
     glue.on_before_process_batch(p, None)
     glue.on_process_batch(p, None)
-    with pytest.raises(CloraError, match="does not support Forge yet"):
+    with pytest.raises(CloraError, match=r"^CLoRA: Forge is not supported yet\.$"):
         p.sample()
 
 
@@ -360,7 +360,8 @@ def test_routes_added_once_and_answer():
 
     app2 = FakeApp()
     glue.add_routes(app2, lambda: HostDetection(None, "forge", "not supported yet"))
-    assert {r.path: r for r in app2.routes}["/clora/loras"].endpoint() == {"loras": [], "error": "not supported yet"}
+    assert {r.path: r for r in app2.routes}["/clora/loras"].endpoint() == {"loras": [],
+                                                                           "error": "CLoRA: Not supported yet"}
 
 
 # ----- previews ------------------------------------------------------------------------------------------------------
@@ -422,7 +423,7 @@ def test_preview_failure_keeps_the_images():
 
 def test_detect_without_a_webui():
     d = detect()
-    assert d.host is None and d.kind == "none" and "no supported WebUI" in d.message
+    assert d.host is None and d.kind == "none" and "No supported WebUI" in d.message
 
 
 def test_detect_a1111(monkeypatch, cfg_denoiser):

@@ -16,7 +16,8 @@ __all__ = ["HostDetection", "detect", "detect_host"]
 
 @dataclass(frozen=True)
 class HostDetection:
-    """What runs CLoRA here: ``host`` (a glue object) or ``None`` with ``message`` saying why not."""
+    """What runs CLoRA here: ``host`` (a glue object) or ``None`` with ``message`` saying why not (a sentence
+    without the ``CLoRA: `` prefix, which `clora.errors.user_message` adds where it is shown)."""
 
     host: Any
     kind: str  # "a1111", "forge" or "none"
@@ -35,19 +36,19 @@ def detect() -> HostDetection:
     """Forge when its ``backend.patcher`` package exists, else A1111 when `clora.hosts.a1111.is_available`."""
     if _has_module("backend") and _has_module("backend.patcher"):
         if not _has_module(f"{__name__}.forge"):
-            return HostDetection(None, "forge", "CLoRA does not support Forge yet (no Forge glue is installed).")
+            return HostDetection(None, "forge", "Forge is not supported yet (no Forge glue is installed).")
         forge = importlib.import_module(f"{__name__}.forge")
         available = getattr(forge, "is_available", lambda: True)
         host_cls = getattr(forge, "ForgeHost", None)
         if host_cls is None or not available():
-            return HostDetection(None, "forge", "CLoRA does not support this Forge version yet.")
+            return HostDetection(None, "forge", "This Forge version is not supported yet.")
         return HostDetection(host_cls(), "forge")
     from . import a1111
 
     if a1111.is_available():
         return HostDetection(a1111.A1111Host(), "a1111")
     return HostDetection(
-        None, "none", "CLoRA found no supported WebUI here (neither AUTOMATIC1111's CFGDenoiser nor Forge's backend)."
+        None, "none", "No supported WebUI found here (neither AUTOMATIC1111's CFGDenoiser nor Forge's backend)."
     )
 
 

@@ -97,13 +97,13 @@ def list_loras() -> list[str]:
 def find_lora_file(name: str) -> Path:
     net = _lora_index()
     if net is None:
-        raise LoraError("the WebUI's built-in Lora extension is not loaded, so LoRA names cannot be looked up")
+        raise LoraError("The WebUI's built-in Lora extension is not loaded, so LoRA names cannot be looked up.")
     entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
     if entry is None:
         net.list_available_networks()
         entry = net.available_network_aliases.get(name) or net.available_networks.get(name)
     if entry is None:
-        raise LoraError(f"LoRA '{name}' not found in the LoRA folder (refresh the list, or check the name)")
+        raise LoraError(f"LoRA '{name}' not found in the LoRA folder (refresh the list, or check the name).")
     return Path(entry.filename)
 
 
@@ -124,7 +124,7 @@ def _text_model(sd_model) -> torch.nn.Module:
         tr = getattr(obj, "transformer", None) if obj is not None else None
         if tr is not None and hasattr(tr, "text_model"):
             return tr
-    raise CloraError("CLoRA could not find the text encoder of this model (only SD 1.x CLIP models are supported)")
+    raise CloraError("Could not find the text encoder of this model (only SD 1.x CLIP models are supported).")
 
 
 def check_gradients_possible(sd_model) -> None:
@@ -134,7 +134,7 @@ def check_gradients_possible(sd_model) -> None:
     opts = shared.cmd_opts
     if getattr(opts, "lowvram", False) or getattr(opts, "medvram", False):
         raise CloraError(
-            "CLoRA needs a gradient pass through the UNet, which --lowvram/--medvram (modules moved during the "
+            "A gradient pass through the UNet is needed, which --lowvram/--medvram (modules moved during the "
             "forward pass) cannot do. Start the WebUI without them to use CLoRA."
         )
     try:
@@ -142,13 +142,13 @@ def check_gradients_possible(sd_model) -> None:
 
         if getattr(sd_unet, "current_unet", None) is not None:
             raise CloraError(
-                f"CLoRA cannot run with a custom UNet ({type(sd_unet.current_unet).__name__}, e.g. TensorRT): it needs "
+                f"Cannot run with a custom UNet ({type(sd_unet.current_unet).__name__}, e.g. TensorRT): CLoRA needs "
                 "the PyTorch UNet for gradients. Set 'SD Unet' to None to use CLoRA."
             )
     except ImportError:
         pass
     if getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn") not in ("crossattn", "hybrid"):
-        raise CloraError("CLoRA supports text-to-image SD 1.x models; this model's conditioning is not supported")
+        raise CloraError("Only text-to-image SD 1.x models are supported; this model's conditioning is not.")
 
 
 @dataclass
@@ -193,11 +193,11 @@ class A1111Run:
         s.validate()
         family = self.model_family()
         if family != "sd1":
-            raise CloraError(f"CLoRA supports SD 1.x models for now; the loaded model is {family.upper()}")
+            raise CloraError(f"Only SD 1.x models are supported for now; the loaded model is {family.upper()}.")
         self.check_gradients()
         prompts = list(p.prompts)
         if len(set(prompts)) > 1:
-            raise CloraError("CLoRA needs the same prompt for every image of a batch; use Batch count instead of Batch size")
+            raise CloraError("Every image of a batch needs the same prompt; use Batch count instead of Batch size.")
         from modules import prompt_parser
 
         # Token positions are taken on the prompt as it reads at the last step (prompt editing resolved).
@@ -263,7 +263,7 @@ class A1111Run:
     def sample(self, original_sample: Callable, *args, **kwargs):
         """Replacement for this generation's ``p.sample``."""
         if self.error is not None:
-            raise CloraError(f"CLoRA: {self.error}") from self.error
+            raise CloraError(self.error) from self.error
         from modules import sd_samplers_cfg_denoiser as cfgmod
 
         with torch.no_grad():
@@ -303,7 +303,7 @@ class A1111Run:
         step = step_from_calls(denoiser.step, steps, denoiser.total_steps)
         uncond_t = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
         if isinstance(uncond_t, dict):
-            raise CloraError("CLoRA supports SD 1.x conditioning only")
+            raise CloraError("Only SD 1.x conditioning is supported.")
         conds, uncond_t = self.variant_conds(denoiser.step, uncond_t)
         conds = conds.to(x.device)
         real = denoiser.inner_model
@@ -373,7 +373,7 @@ class _Interceptor:
         if n == B:
             self.cached_uncond = u.to(x_in.dtype)
             return c.to(x_in.dtype)
-        raise CloraError("CLoRA does not support AND-composed prompts")
+        raise CloraError("AND-composed prompts are not supported.")
 
 
 class A1111Host:

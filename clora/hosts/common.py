@@ -7,6 +7,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from ..errors import user_message
+
 __all__ = [
     "CloraError",
     "strip_lora_tags",
@@ -18,7 +20,13 @@ __all__ = [
 
 
 class CloraError(RuntimeError):
-    """A problem the user must fix; raised from inside the host's sampling so the UI and the API show the message."""
+    """A problem the user must fix; raised from inside the host's sampling so the UI and the API show the message.
+
+    Its message is always in the user-facing form of `clora.errors.user_message` (``"CLoRA: "`` once, then a
+    capitalised sentence), whatever text or exception it is built from."""
+
+    def __init__(self, message: Any = "") -> None:
+        super().__init__(user_message(message))
 
 
 _LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)((?::[^>]*)?)>", re.IGNORECASE)

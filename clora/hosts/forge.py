@@ -92,12 +92,12 @@ class ForgeRun(A1111Run):
         unet = self.p.sd_model.forge_objects.unet
         if getattr(unet, "has_online_lora", lambda: False)():
             raise CloraError(
-                "CLoRA cannot run with Forge's online LoRA mode (fp8/nf4/gguf weights cannot take gradients); "
-                "use an fp16/fp32 model"
+                "Cannot run with Forge's online LoRA mode (fp8/nf4/gguf weights cannot take gradients); "
+                "use an fp16/fp32 model."
             )
         dm = unet.model.diffusion_model
         if any(not p.is_floating_point() for p in dm.parameters()):
-            raise CloraError("CLoRA needs a floating-point UNet (quantised fp8/nf4/gguf models cannot take gradients)")
+            raise CloraError("A floating-point UNet is needed (quantised fp8/nf4/gguf models cannot take gradients).")
 
     def host_tokenizer(self) -> A1111Tokenizer:
         return A1111Tokenizer(self.p.sd_model.text_processing_engine)
@@ -109,7 +109,7 @@ class ForgeRun(A1111Run):
         clip = self.p.sd_model.forge_objects.clip.cond_stage_model
         tr = getattr(getattr(clip, "clip_l", None), "transformer", None)
         if tr is None or not hasattr(tr, "text_model"):
-            raise CloraError("CLoRA could not find the CLIP-L text encoder of this model")
+            raise CloraError("Could not find the CLIP-L text encoder of this model.")
         return tr
 
     # sampling ---------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ class ForgeRun(A1111Run):
             st["fused"] = {_COND: c, _UNCOND: u}
         out = torch.cat([st["fused"][k] for k in chunks]).to(x_in.dtype)
         if out.shape != x_in.shape:
-            raise CloraError("CLoRA does not support AND-composed prompts or regional conditioning in Forge")
+            raise CloraError("AND-composed prompts and regional conditioning are not supported in Forge.")
         return out
 
 
@@ -239,15 +239,15 @@ class ForgeHost(A1111Host):
 
         def sample(*a, **kw):
             if run.error is not None:
-                raise CloraError(f"CLoRA: {run.error}") from run.error
+                raise CloraError(run.error) from run.error
             out = original(*a, **kw)
             # Forge only logs exceptions of process_before_every_sampling: report them here, and never let a
             # binding be ignored silently (e.g. another extension replaced the UNet patch).
             if run.error is not None:
-                raise CloraError(f"CLoRA: {run.error}") from run.error
+                raise CloraError(run.error) from run.error
             if not run.pass_state.get("applied") and not run._should_stop():
-                raise CloraError("CLoRA was not applied: Forge's UNet patch did not run (another extension may "
-                                 "have replaced it)")
+                raise CloraError("Not applied: Forge's UNet patch did not run (another extension may have "
+                                 "replaced it).")
             return out
 
         p.sample = sample
@@ -260,4 +260,4 @@ class ForgeHost(A1111Host):
             run.patch_unet()
         except Exception as exc:  # Forge only logs it: keep it so that this generation's sampling reports it
             run.error = exc
-            raise CloraError(f"CLoRA: {exc}") from exc
+            raise CloraError(exc) from exc

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..errors import detail, user_message
 from ..settings import CloraSettings, SettingsError
 from ..ui import ARG_NAMES, args_to_settings, is_enabled
 from .common import CloraError
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 STATE_ATTR = "_clora_state"
+#: Why CLoRA does nothing, when the host detection gave no reason.
+UNAVAILABLE = "Cannot run in this WebUI."
 #: ``p.clora_overrides``: argument name -> value, applied over the UI's arguments (X/Y/Z plot cells set it).
 OVERRIDES_ATTR = "clora_overrides"
 
@@ -59,10 +62,10 @@ def state_of(p: Any) -> Optional[ScriptState]:
 
 
 def _user_error(error: Exception) -> CloraError:
+    """``error`` as a `CloraError`, whose message has the user-facing form (`clora.errors.user_message`)."""
     if isinstance(error, CloraError):
         return error
-    text = str(error) or type(error).__name__
-    return CloraError(text if text.startswith("CLoRA") else f"CLoRA: {text}")
+    return CloraError(error)
 
 
 def install_error(p: Any, error: Exception) -> None:
@@ -93,7 +96,7 @@ def on_process(p: Any, args: Sequence[Any], host: Any, unavailable: str = "") ->
     except SettingsError as exc:
         state = ScriptState(settings=None, error=exc)
     else:
-        error = None if host is not None else CloraError(unavailable or "CLoRA cannot run in this WebUI.")
+        error = None if host is not None else CloraError(unavailable or UNAVAILABLE)
         state = ScriptState(settings=settings, error=error)
         _set_infotext(p, settings.to_flat())
     setattr(p, STATE_ATTR, state)
@@ -121,7 +124,7 @@ def on_before_process_batch(p: Any, host: Any) -> None:
     try:
         host.before_process_batch(p, state.settings)
     except Exception as exc:  # the WebUI would only log it and generate without CLoRA
-        state.error = CloraError(f"CLoRA failed while preparing the prompts: {exc}")
+        state.error = CloraError(f"Failed while preparing the prompts: {detail(exc)}")
 
 
 def on_process_batch(p: Any, host: Any) -> None:
@@ -132,7 +135,7 @@ def on_process_batch(p: Any, host: Any) -> None:
         try:
             host.process_batch(p, state.settings)
         except Exception as exc:  # see on_before_process_batch
-            state.error = CloraError(f"CLoRA failed while preparing this batch: {exc}")
+            state.error = CloraError(f"Failed while preparing this batch: {detail(exc)}")
     if state.error is not None:
         install_error(p, state.error)
 
@@ -276,7 +279,7 @@ def schema_document() -> dict[str, Any]:
 def loras_document(host: Any, unavailable: str = "") -> dict[str, Any]:
     """``GET /clora/loras``: the LoRA names the host knows."""
     if host is None:
-        return {"loras": [], "error": unavailable or "CLoRA cannot run in this WebUI."}
+        return {"loras": [], "error": user_message(unavailable or UNAVAILABLE)}
     return {"loras": list(host.lora_names())}
 
 

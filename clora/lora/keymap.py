@@ -83,7 +83,7 @@ def full_path(host: str, component: str, relpath: str) -> str:
     try:
         root = HOST_ROOTS[host][component]
     except KeyError:
-        raise LoraError(f"unknown host/component {host!r}/{component!r}; known: {sorted(HOST_ROOTS)} / unet, text") from None
+        raise LoraError(f"Unknown host/component {host!r}/{component!r}; known: {sorted(HOST_ROOTS)} / unet, text") from None
     return f"{root}.{relpath}" if relpath else root
 
 
@@ -107,7 +107,7 @@ def _block_prefixes(unet: nn.Module) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     inputs = list(getattr(unet, "input_blocks", []))
     if not inputs:
-        raise LoraError("the UNet has no input_blocks; it is not an ldm UNetModel")
+        raise LoraError("The UNet has no input_blocks; it is not an ldm UNetModel.")
     level, j = 0, 0
     per_level: list[int] = []
     for k, seq in enumerate(inputs[1:], start=1):
