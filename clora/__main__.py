@@ -1,4 +1,8 @@
-"""Command line: ``python -m clora generate ...`` (see ``python -m clora generate --help``)."""
+"""Command line: ``python -m clora generate ...`` (see ``python -m clora generate --help``).
+
+Every error is printed to stderr as one line ``CLoRA: <sentence>`` (`clora.errors.user_message`) and gives exit
+status 2; argparse's usage errors take the same form.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +17,7 @@ def _binding(text: str):
     from .settings import Binding
 
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--bind {text!r}: expected LORA=SUBJECT[:TRIGGER][:WEIGHT]")
+        raise argparse.ArgumentTypeError(f"--bind {text!r}: expected LORA=SUBJECT[:TRIGGER][:WEIGHT].")
     lora, rest = text.split("=", 1)
     parts = rest.split(":")
     subjects = tuple(s.strip() for s in parts[0].split("|") if s.strip())
@@ -21,7 +25,7 @@ def _binding(text: str):
     try:
         weight = float(parts[2]) if len(parts) > 2 and parts[2] else 1.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--bind {text!r}: weight {parts[2]!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"--bind {text!r}: weight {parts[2]!r} is not a number.") from None
     return Binding(lora=lora.strip(), subjects=subjects, triggers=triggers.strip(), weight=weight)
 
 
@@ -33,19 +37,46 @@ def _style(text: str):
     try:
         weight = float(parts[1]) if len(parts) > 1 and parts[1] else 0.8
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--style {text!r}: weight {parts[1]!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"--style {text!r}: weight {parts[1]!r} is not a number.") from None
     subjects = tuple(s for s in parts[2].split("|") if s) if len(parts) > 2 else ()
     return StyleLora(lora=parts[0], weight=weight, mode="subjects" if subjects else "whole", subjects=subjects)
 
 
+def _lora_tag(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> (name, weight): a LoRA on the whole image with CLoRA off (like ``<lora:NAME:WEIGHT>``)."""
+    name, sep, tail = text.rpartition(":")
+    if not sep:
+        name, tail = text, ""
+    try:
+        weight = float(tail) if tail.strip() else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora-tag {text!r}: weight {tail!r} is not a number.") from None
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"--lora-tag {text!r}: expected NAME[:WEIGHT].")
+    return name.strip(), weight
+
+
 def _floats(text: str) -> tuple:
-    return tuple(float(t) for t in text.split(",") if t.strip())
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers.") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors printed as ``CLoRA: <sentence>`` like every other error of the command."""
+
+    def error(self, message: str):
+        from .errors import user_message
+
+        self.print_usage(sys.stderr)
+        self.exit(2, user_message(message) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .runner import SAMPLERS
 
-    ap = argparse.ArgumentParser(prog="python -m clora", description="CLoRA: compose several LoRAs in one image.")
+    ap = _Parser(prog="python -m clora", description="CLoRA: compose several LoRAs in one image.")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate an image with an SD1.x single-file checkpoint")
     g.add_argument("--ckpt", required=True, help="checkpoint .safetensors (a <name>.yaml beside it is used if present)")
@@ -57,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LORA=SUBJECT[|SUBJECT][:TRIGGER][:WEIGHT], e.g. cat_lora=cat:sks:0.9 (repeat)")
     g.add_argument("--style", action="append", default=[], type=_style,
                    help="style LoRA: LORA[:WEIGHT][:SUBJECT|SUBJECT] (whole image unless subjects are given)")
+    g.add_argument("--lora-tag", action="append", default=[], type=_lora_tag, metavar="NAME[:WEIGHT]",
+                   help="with CLoRA off (no --bind, or --disable): apply this --lora to the whole image, as merging it "
+                        "into the weights would (like <lora:NAME:WEIGHT>; weight 1 when left out; repeat)"),
     g.add_argument("--sampler", default="euler", choices=SAMPLERS)
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--cfg", type=float, default=7.0)
@@ -82,12 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _read_settings(path: str) -> str:
+    from .runner import RunnerError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunnerError(f"The settings file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}.") from None
+
+
 def settings_from_args(args):
     from dataclasses import replace
 
     from .settings import CloraSettings
 
-    s = CloraSettings.from_json(json.loads(Path(args.settings).read_text())) if args.settings else CloraSettings()
+    s = CloraSettings.from_json(_read_settings(args.settings)) if args.settings else CloraSettings()
     updates = {}
     if args.bind:
         updates["bindings"] = tuple(args.bind)
@@ -115,9 +158,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
-    from .lora.types import LoraError
-    from .runner import RunnerError, generate, load_model
+    from .errors import user_message
     from .preview import attention_grid, mask_overlay
+    from .runner import generate, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,9 +170,10 @@ def main(argv=None) -> int:
         result = generate(
             lm, args.prompt, settings, loras=args.lora, negative=args.negative, sampler=args.sampler, steps=args.steps,
             cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
+            plain_loras=args.lora_tag,
         )
-    except (LoraError, RunnerError, ValueError) as exc:
-        print(f"clora: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # LoraError, RunnerError, SettingsError, PromptError are ValueErrors
+        print(user_message(exc), file=sys.stderr)
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

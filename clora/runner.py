@@ -6,10 +6,18 @@ This is how users script CLoRA without a WebUI and how the project benchmarks it
         --lora loras/cat.safetensors --lora loras/dog.safetensors \\
         --bind cat=cat:sks --bind dog=dog:sks --steps 30 --out out.png
 
-ldm, k-diffusion and omegaconf are imported lazily here (never by the rest of ``clora``).
+With CLoRA off, ``plain_loras`` (``--lora-tag NAME:WEIGHT``) applies LoRAs to the whole image, as merging them into
+the weights would (the "LoRAs merged, CLoRA off" baseline), through the same per-row hooks and without writing a
+weight.
+
+Errors are raised with plain-sentence messages (`RunnerError`, `LoraError`, `PromptError`, `SettingsError`); the
+command line shows them through `clora.errors.user_message`.  ldm, k-diffusion and omegaconf are imported lazily here
+(never by the rest of ``clora``).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +49,9 @@ class LoadedModel:
 
     map_downscale: latent pixels per attention-map cell (4 for SD: H/32 maps over an H/8 latent).
     family: "sd1" for the models the runner loads.
+    max_tokens: the text encoder's context length, BOS and EOS included (token positions 0 .. max_tokens - 1): 77 for
+        SD's CLIP.  `generate` refuses a prompt longer than this instead of letting the encoder cut it.
+    Objects that stand in for a ``LoadedModel`` (e.g. ``bench/shapes/model.py``) offer the same attributes.
     """
 
     model: torch.nn.Module
@@ -48,6 +59,7 @@ class LoadedModel:
     map_downscale: int = 4
     latent_channels: int = 4
     latent_factor: int = 8  # image pixels per latent pixel (1 for pixel-space models)
+    max_tokens: int = 77
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -91,7 +103,9 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
 
     checkpoint = Path(checkpoint)
     if checkpoint.suffix != ".safetensors":
-        raise RunnerError(f"{checkpoint.name}: only .safetensors checkpoints are loaded (no pickle files)")
+        raise RunnerError(f"Checkpoint {checkpoint.name}: only .safetensors checkpoints are loaded (no pickle files).")
+    if not checkpoint.is_file():
+        raise RunnerError(f"Checkpoint {checkpoint} does not exist.")
     if config is None:
         config = checkpoint.with_suffix(".yaml")
         if not config.exists():
@@ -102,13 +116,17 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise RunnerError(f"{checkpoint.name}: {len(missing)} model weights missing from the checkpoint (e.g. {missing[:3]})")
+        raise RunnerError(
+            f"Checkpoint {checkpoint.name}: {len(missing)} model weights are missing from it (e.g. {missing[:3]})."
+        )
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     family = unet_family(model.model.diffusion_model)
     if family not in ("sd1", "unknown"):
-        raise RunnerError(f"{checkpoint.name}: the standalone runner supports SD 1.x models; this one looks like {family}")
+        raise RunnerError(
+            f"Checkpoint {checkpoint.name}: the standalone runner supports SD 1.x models; this one looks like {family}."
+        )
     return LoadedModel(model=model, family=family)
 
 
@@ -123,11 +141,13 @@ class GenerationResult:
     step_ious: list = field(default_factory=list)  # (step, mean pairwise IoU of the concept masks) per model call
     maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) mean cond-row maps over steps
     seconds: float = 0.0
+    plain_loras: list = field(default_factory=list)  # (name, weight) of the LoRAs applied to every row (CLoRA off)
 
     def report(self) -> dict:
         return {
             "prompts": self.prompts,
             "settings": self.settings.to_json(),
+            "plain_loras": [[name, weight] for name, weight in self.plain_loras],
             "seconds": round(self.seconds, 3),
             "steps": [
                 {"step": r.step, "sigma": r.sigma, "loss_before": r.loss_before, "loss_after": r.loss_after,
@@ -157,7 +177,7 @@ def _sample_fn(sampler: str) -> Callable:
         "dpmpp_sde_karras": K.sampling.sample_dpmpp_sde,
     }
     if sampler not in table:
-        raise RunnerError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise RunnerError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     return table[sampler]
 
 
@@ -176,16 +196,29 @@ class _StepIndex:
         return self.last
 
 
-def _resolve_loras(lm: LoadedModel, paths: Sequence[str | Path]) -> dict[str, LoraFile]:
-    loras: dict[str, LoraFile] = {}
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise LoraError(f"LoRA file not found: {path}")
-        lora = load_lora(path)
+def _resolve_loras(lm: LoadedModel, loras: Sequence[str | Path | LoraFile]) -> dict[str, LoraFile]:
+    """LoRAs by name: files are loaded (named by their stem), `LoraFile` objects are taken as they are (by their
+    ``name``); each is checked against the model's family."""
+    by_name: dict[str, LoraFile] = {}
+    for item in loras:
+        if isinstance(item, LoraFile):
+            lora = item
+        else:
+            path = Path(item)
+            if not path.exists():
+                raise LoraError(f"LoRA file {path} does not exist.")
+            lora = load_lora(path)
         check_family(lora, lm.family)
-        loras[lora.name] = lora
-    return loras
+        by_name[lora.name] = lora
+    return by_name
+
+
+def _pick(by_name: dict[str, LoraFile], names: Sequence[str]) -> list[LoraFile]:
+    """The LoRAs of ``names`` in that order; an unknown name is a `LoraError` listing the names given."""
+    for n in names:
+        if n not in by_name:
+            raise LoraError(f"LoRA '{n}' not found (given: {', '.join(sorted(by_name)) or 'none'}).")
+    return [by_name[n] for n in names]
 
 
 def _targets(lm: LoadedModel, ordered: Sequence[LoraFile]):
@@ -198,11 +231,50 @@ def _targets(lm: LoadedModel, ordered: Sequence[LoraFile]):
     return unet_t, text_t
 
 
+def _check_length(lm: LoadedModel, what: str, chunks: Sequence[Sequence[int]]) -> None:
+    """Refuse a prompt (given as the tokenizer's chunks) that the text encoder cannot read whole: the runner encodes
+    one sequence of at most ``lm.max_tokens`` positions (BOS and EOS included) and would otherwise see it cut."""
+    limit = int(lm.max_tokens)
+    n = sum(len(c) for c in chunks) + 2
+    if n > limit:
+        raise RunnerError(
+            f"{what} is {n} tokens; this model's text encoder takes at most {limit} (BOS and EOS included; the "
+            "standalone runner encodes one chunk and does not cut prompts). Shorten it."
+        )
+    if len(chunks) > 1:
+        raise RunnerError(
+            f"{what} has a BREAK; the standalone runner encodes one chunk of at most {limit} tokens. Remove the BREAK."
+        )
+
+
+def _rows_on_every_row(targets, every: list[tuple[int, float]], n_rows: int):
+    """A `LoraRows` context applying ``every`` to all ``n_rows`` rows; no hooks at all when there is nothing to apply."""
+    if not targets or not every:
+        return contextlib.nullcontext()
+    rows = LoraRows(targets)
+    rows.plan = RowPlan.from_lists([every] * n_rows)
+    return rows
+
+
+def _plain_weights(plain_loras: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    out = []
+    for item in plain_loras:
+        try:
+            name, weight = item
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise RunnerError(f"Each plain LoRA must be a (LoRA name, weight) pair; got {item!r}.") from None
+        if not math.isfinite(weight):
+            raise RunnerError(f"The weight of LoRA '{name}' must be a finite number, got {weight}.")
+        out.append((str(name), weight))
+    return out
+
+
 def generate(
     lm: LoadedModel,
     prompt: str,
     settings: CloraSettings,
-    loras: Sequence[str | Path] = (),
+    loras: Sequence[str | Path | LoraFile] = (),
     negative: str = "",
     sampler: str = "euler",
     steps: int = 20,
@@ -214,14 +286,35 @@ def generate(
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     batched: Optional[bool] = None,
+    plain_loras: Sequence[tuple[str, float]] = (),
 ) -> GenerationResult:
-    """Generate with CLoRA (or plainly, when ``settings.enabled`` is False: then exactly plain k-diffusion sampling)."""
+    """Generate with CLoRA, or plainly when ``settings.enabled`` is False (then exactly plain k-diffusion sampling).
+
+    loras: the LoRAs that bindings, styles and ``plain_loras`` may name: ``.safetensors`` paths (named by their file
+        stem) or loaded `LoraFile` objects (named by their ``name``).
+    plain_loras: ``(LoRA name, weight)`` pairs applied, with CLoRA off, to every row of the UNet and of the text
+        encoder (cond and uncond): what merging ``W + weight * ΔW`` into the weights computes, without writing them.
+        Refused while CLoRA is active (use style LoRAs, ``settings.styles``, for whole-image LoRAs with CLoRA).
+    """
     t0 = time.perf_counter()
     settings.validate()
+    active = settings.enabled and len(settings.bindings) > 0
+    plain = _plain_weights(plain_loras)
+    if active and plain:
+        raise RunnerError(
+            "Plain LoRAs (--lora-tag) apply only with CLoRA off; with CLoRA, give whole-image LoRAs as style LoRAs "
+            "(settings.styles, --style NAME:WEIGHT)."
+        )
     sample = _sample_fn(sampler)
     f = lm.latent_factor
     if width % (f * lm.map_downscale) or height % (f * lm.map_downscale):
-        raise RunnerError(f"width and height must be multiples of {f * lm.map_downscale}")
+        raise RunnerError(f"Width and height must be multiples of {f * lm.map_downscale}; got {width}x{height}.")
+    tokenizer = lm.tokenizer()
+    _check_length(lm, "The negative prompt", tokenizer.chunks(negative))
+    if not active:
+        _check_length(lm, "The prompt", tokenizer.chunks(prompt))
+    ordered = _pick(_resolve_loras(lm, loras), [n for n, _ in plain]) if plain else []
+
     denoiser = lm.denoiser()
     sigmas = _sigmas(denoiser, sampler, steps)
     shape = (batch_size, lm.latent_channels, height // f, width // f)
@@ -230,12 +323,12 @@ def generate(
     dev = next(lm.unet.parameters()).device
     x = x.to(dev)
 
-    active = settings.enabled and len(settings.bindings) > 0
-    with torch.no_grad():
-        uncond = lm.encode([negative] * batch_size)
-
     if not active:
-        with torch.no_grad():
+        # Plain LoRAs act on every row: the text encoder's (cond and uncond prompts) and the UNet's.
+        every = [(i, w) for i, (_n, w) in enumerate(plain)]
+        unet_targets, text_targets = _targets(lm, ordered)
+        with _rows_on_every_row(text_targets, every, batch_size), torch.no_grad():
+            uncond = lm.encode([negative] * batch_size)
             cond = lm.encode([prompt] * batch_size)
 
         def cfg_denoise(x_, sigma_, **_):
@@ -246,22 +339,21 @@ def generate(
             return u + (c - u) * cfg_scale
 
         torch.manual_seed(seed)
-        with torch.no_grad():
+        with _rows_on_every_row(unet_targets, every, 2 * batch_size), torch.no_grad():
             latent = sample(cfg_denoise, x, sigmas, disable=not progress)
         images = _to_images(lm, latent)
         return GenerationResult(images=images, latent=latent, settings=settings, prompts=[prompt],
-                                seconds=time.perf_counter() - t0)
+                                seconds=time.perf_counter() - t0, plain_loras=plain)
 
     # --- CLoRA ---------------------------------------------------------------------------------------
-    by_name = _resolve_loras(lm, loras)
+    with torch.no_grad():
+        uncond = lm.encode([negative] * batch_size)
     names = [b.lora for b in settings.bindings] + [s.lora for s in settings.styles]
-    for n in names:
-        if n not in by_name:
-            raise LoraError(f"LoRA '{n}' not found (given: {', '.join(sorted(by_name)) or 'none'})")
-    ordered = [by_name[n] for n in names]
-    variants = build_variants(prompt, settings.bindings, lm.tokenizer())
-    if max((p for g in variants.groups for v in g for p in v), default=0) >= 77:
-        raise RunnerError("the standalone runner encodes one 75-token chunk; shorten the prompt")
+    ordered = _pick(_resolve_loras(lm, loras), names)
+    variants = build_variants(prompt, settings.bindings, tokenizer)
+    for v, chunks in enumerate(variants.chunks):
+        what = "The prompt" if v == 0 else f"The prompt with the trigger words of LoRA '{settings.bindings[v - 1].lora}'"
+        _check_length(lm, what, chunks)
     plan = build_compose_plan(variants.groups, variants.mask_tokens, settings)
     unet_targets, text_targets = _targets(lm, ordered)
 

@@ -240,3 +240,208 @@ def test_gradient_pass_with_checkpointing_and_trainable_params(lm, loras):
             setattr(m, a, False)
         for p in params:
             p.requires_grad_(False)
+
+
+# ----- context length -------------------------------------------------------------------------------------------------
+
+
+def test_prompt_length_limit_comes_from_the_model(lm, loras):
+    """``LoadedModel.max_tokens`` (BOS and EOS included) decides which prompts are refused, in the plain and the CLoRA
+    path: a prompt at the limit runs, one token more is refused with a message naming both numbers."""
+    from clora.runner import RunnerError, generate
+
+    assert lm.max_tokens == 77
+    prompt = "a photo of a cat and a dog"  # 8 ids: 10 tokens with BOS/EOS
+    kw = dict(steps=1, width=SIZE, height=SIZE, progress=False)
+    plain = replace(_settings(2), enabled=False)
+    small = replace(lm, max_tokens=10)
+    generate(small, prompt, plain, **kw)
+    with pytest.raises(RunnerError) as e:
+        generate(small, prompt + " on grass", plain, **kw)
+    assert str(e.value).startswith("The prompt is 12 tokens; this model's text encoder takes at most 10 (")
+    with pytest.raises(RunnerError, match="^The negative prompt is 12 tokens; .* at most 10 "):
+        generate(small, prompt, plain, negative="a blurry photo of a small bird on the grass", **kw)
+
+    # CLoRA: every variant must fit; the triggers "sks" (1 id) and "xyz" (2 ids) make them 11 and 12 tokens long
+    clora = _settings(2, refine_iters=0)
+    both = [loras["cat"], loras["dog"]]
+    generate(replace(lm, max_tokens=12), prompt, clora, loras=both, **kw)
+    with pytest.raises(RunnerError) as e:
+        generate(replace(lm, max_tokens=11), prompt, clora, loras=both, **kw)
+    assert str(e.value).startswith(
+        "The prompt with the trigger words of LoRA 'dog' is 12 tokens; this model's text encoder takes at most 11 (")
+    with pytest.raises(RunnerError) as e:
+        generate(small, prompt, clora, loras=both, **kw)
+    assert str(e.value).startswith(
+        "The prompt with the trigger words of LoRA 'cat' is 11 tokens; this model's text encoder takes at most 10 (")
+    with pytest.raises(RunnerError, match="^The prompt is 12 tokens; .* at most 10 "):
+        generate(small, prompt + " on grass", clora, loras=both, **kw)
+
+
+def test_default_limit_is_one_sd_chunk(lm, loras):
+    from clora.runner import RunnerError, generate
+
+    kw = dict(steps=1, width=SIZE, height=SIZE, progress=False)
+    generate(lm, "cat " * 75, replace(_settings(2), enabled=False), **kw)  # 75 ids + BOS + EOS = 77
+    with pytest.raises(RunnerError, match="^The prompt is 78 tokens; this model's text encoder takes at most 77 "):
+        generate(lm, "cat " * 76, replace(_settings(2), enabled=False), **kw)
+    with pytest.raises(RunnerError, match="^The prompt is 78 tokens; .* at most 77 "):
+        generate(lm, "a cat and a dog " + "cat " * 71, _settings(2), loras=[loras["cat"], loras["dog"]], **kw)
+    with pytest.raises(RunnerError, match="BREAK"):
+        generate(lm, "a photo of a cat BREAK a dog", _settings(2), loras=[loras["cat"], loras["dog"]], **kw)
+
+
+# ----- plain LoRAs (CLoRA off: LoRAs merged) ---------------------------------------------------------------------------
+
+
+def _merged_lm(lm, lora_weights):
+    """A deep copy of ``lm`` with ``W + weight * ΔW`` merged into its weights for each ``(LoRA file, weight)``; ΔW is
+    written by the reference of tests/test_rows.py (up @ down · alpha/rank in float64), not by the code under test."""
+    import copy
+
+    from clora.lora.files import load_lora
+    from clora.lora.keymap import resolve
+    from tests.test_rows import ref_delta
+
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    model = copy.deepcopy(lm.model)
+    layers = dict(model.named_modules())
+    components = set()
+    with torch.no_grad():
+        for path, weight in lora_weights:
+            res = resolve(load_lora(path), unet=lm.unet, text_model=lm.text_model)
+            for component, _path, module, lmod in res.targets:
+                components.add(component)
+                w = layers[names[id(module)]].weight
+                w.copy_((w.double() + weight * ref_delta(lmod, w)).to(w.dtype))
+    assert components == {"unet", "text"}
+    return replace(lm, model=model)
+
+
+def test_plain_loras_equal_sampling_with_merged_weights(lm, loras):
+    from clora.runner import generate
+
+    off = _off()
+    kw = dict(steps=4, cfg_scale=6.0, seed=7, width=SIZE, height=SIZE, progress=False)
+    prompt, negative = "a photo of a cat and a dog", "blurry"
+    res = generate(lm, prompt, off, loras=[loras["cat"], loras["dog"]], negative=negative,
+                   plain_loras=[("dog", -0.6), ("cat", 0.8)], **kw)
+    ref = _plain_reference(_merged_lm(lm, [(loras["cat"], 0.8), (loras["dog"], -0.6)]), prompt, negative, 4, 6.0, 7,
+                               SIZE)
+    plain = _plain_reference(lm, prompt, negative, 4, 6.0, 7, SIZE)
+    # float32 rounding (merged W + ΔW against W x + ΔW x) only: the latents reach ~50, the LoRAs move them by ~10
+    atol = 1e-5 * float(ref.abs().max())
+    assert float((ref - plain).abs().max()) > 1e4 * atol  # the LoRAs do change the image
+    torch.testing.assert_close(res.latent, ref, rtol=1e-4, atol=atol)
+    assert res.plain_loras == [("dog", -0.6), ("cat", 0.8)]
+
+    one = generate(lm, prompt, off, loras=[loras["cat"]], negative=negative, plain_loras=[("cat", 0.5)], **kw)
+    ref_one = _plain_reference(_merged_lm(lm, [(loras["cat"], 0.5)]), prompt, negative, 4, 6.0, 7, SIZE)
+    torch.testing.assert_close(one.latent, ref_one, rtol=1e-4, atol=1e-5 * float(ref_one.abs().max()))
+
+
+def test_plain_loras_take_loaded_lora_files(lm, loras):
+    from clora.lora.files import load_lora
+    from clora.runner import generate
+
+    kw = dict(steps=2, seed=3, width=SIZE, height=SIZE, progress=False, plain_loras=[("cat", 0.8)])
+    by_path = generate(lm, "a photo of a cat", _off(), loras=[loras["cat"]], **kw)
+    by_object = generate(lm, "a photo of a cat", _off(), loras=[load_lora(loras["cat"])], **kw)
+    assert torch.equal(by_path.latent, by_object.latent)
+
+
+def test_no_plain_loras_is_bit_identical_to_plain_sampling(lm, loras):
+    from clora.runner import generate
+
+    kw = dict(steps=4, cfg_scale=6.0, seed=3, width=SIZE, height=SIZE, progress=False)
+    ref = _plain_reference(lm, "a photo of a cat and a dog", "", 4, 6.0, 3, SIZE)
+    for given in ((), []):
+        res = generate(lm, "a photo of a cat and a dog", _off(), loras=list(loras.values()),
+                       plain_loras=given, **kw)
+        assert torch.equal(res.latent, ref)
+
+
+def test_plain_loras_leave_the_model_as_it_was(lm, loras, monkeypatch):
+    import k_diffusion as K
+
+    from clora.runner import generate
+
+    before_hooks, before_w = _module_state(lm.model)
+    kw = dict(loras=[loras["cat"], loras["dog"]], plain_loras=[("cat", 1.0), ("dog", 0.5)], steps=2, seed=1,
+              width=SIZE, height=SIZE, progress=False)
+    generate(lm, "a photo of a cat", _off(), **kw)
+    assert _module_state(lm.model)[0] == before_hooks
+    assert all(torch.equal(before_w[k], v) for k, v in _module_state(lm.model)[1].items())
+
+    seen = {}
+
+    def exploding(model, x, sigmas, **_):
+        model(x, sigmas[0] * x.new_ones([x.shape[0]]))
+        seen["hooks"] = sum(len(m._forward_hooks) for m in lm.unet.modules())
+        raise RuntimeError("boom inside sampling")
+
+    monkeypatch.setattr(K.sampling, "sample_euler", exploding)
+    with pytest.raises(RuntimeError, match="boom inside sampling"):
+        generate(lm, "a photo of a cat", _off(), **kw)
+    assert seen["hooks"] > 0  # the LoRAs were applied through hooks while sampling ...
+    after_hooks, after_w = _module_state(lm.model)
+    assert after_hooks == before_hooks  # ... and none is left
+    assert all(torch.equal(before_w[k], after_w[k]) for k in before_w)
+
+
+def test_plain_lora_errors(lm, loras):
+    from clora.lora.types import LoraError
+    from clora.runner import RunnerError, generate
+
+    kw = dict(steps=1, width=SIZE, height=SIZE, progress=False)
+    with pytest.raises(LoraError, match=r"^LoRA 'horse' not found \(given: cat, dog\)"):
+        generate(lm, "a cat", _off(), loras=[loras["cat"], loras["dog"]], plain_loras=[("horse", 1.0)], **kw)
+    with pytest.raises(LoraError, match=r"^LoRA 'cat' not found \(given: none\)"):
+        generate(lm, "a cat", _off(), plain_loras=[("cat", 1.0)], **kw)
+    with pytest.raises(RunnerError, match=r"style LoRAs \(settings\.styles"):
+        generate(lm, "a photo of a cat and a dog", _settings(2), loras=[loras["cat"], loras["dog"]],
+                 plain_loras=[("cat", 1.0)], **kw)
+    with pytest.raises(RunnerError, match="finite"):
+        generate(lm, "a cat", _off(), loras=[loras["cat"]], plain_loras=[("cat", float("nan"))], **kw)
+
+
+def test_cli_lora_tag_merges_loras_with_clora_off(lm, loras, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from clora.__main__ import main
+    from clora.runner import generate
+
+    out = tmp_path / "merged.png"
+    base = ["generate", "--ckpt", str(fixtures_dir() / "tiny-sd1.safetensors"), "--prompt", "a photo of a cat",
+            "--lora", str(loras["cat"]), "--lora", str(loras["dog"]), "--steps", "3", "--seed", "2",
+            "--width", str(SIZE), "--height", str(SIZE)]
+    assert main(base + ["--lora-tag", "cat:0.8", "--lora-tag", "dog", "--out", str(out)]) == 0
+    assert out.exists() and not out.with_name("merged.masks.png").exists()
+    assert json.loads(out.with_suffix(".json").read_text())["plain_loras"] == [["cat", 0.8], ["dog", 1.0]]
+    want = generate(lm, "a photo of a cat", _off(), loras=[loras["cat"], loras["dog"]],
+                    plain_loras=[("cat", 0.8), ("dog", 1.0)], steps=3, seed=2, width=SIZE, height=SIZE,
+                    progress=False).images[0]
+    plain = generate(lm, "a photo of a cat", _off(), steps=3, seed=2, width=SIZE, height=SIZE,
+                     progress=False).images[0]
+    got = np.asarray(Image.open(out))
+    assert np.array_equal(got, np.asarray(want))
+    assert not np.array_equal(got, np.asarray(plain))
+
+    capsys.readouterr()
+    assert main(base + ["--lora-tag", "horse:1", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == "CLoRA: LoRA 'horse' not found (given: cat, dog)."
+    assert main(base + ["--lora-tag", "cat", "--bind", "cat=cat", "--out", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("CLoRA: Plain LoRAs (--lora-tag) apply only with CLoRA off") and "--style" in err
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--lora-tag", "cat:heavy"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "CLoRA: Argument --lora-tag: --lora-tag 'cat:heavy': weight 'heavy' is not a number.")
+
+
+def _off():
+    from clora.settings import CloraSettings
+
+    return CloraSettings(enabled=False)

@@ -142,6 +142,11 @@ class ShapesModel:
     latent_factor: int = 1
     _alphas: torch.Tensor = field(default_factory=alphas_cumprod)
 
+    @property
+    def max_tokens(self) -> int:
+        """The text encoder's context length, BOS and EOS included (the runner's ``LoadedModel.max_tokens``)."""
+        return TOKENS
+
     def set_capture(self, map_size: int) -> "ShapesModel":
         """Capture the 16x16 (``map_size=16``) or 8x8 (``8``) cross-attention maps; returns ``self``."""
         if map_size not in (8, 16):
