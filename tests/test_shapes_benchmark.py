@@ -83,16 +83,79 @@ def lm():
     return M.load()
 
 
+def _reference_sampling(lm, prompt, cfg, seed, batch):
+    """Plain CFG sampling written here, independently of the runner: k-diffusion DPM++ 2M (Karras sigmas) over the
+    model's denoiser, with the noise drawn as the runner documents it."""
+    import k_diffusion as K
+
+    assert cfg.sampler == "dpmpp_2m_karras"
+    den = lm.denoiser()
+    sigmas = K.sampling.get_sigmas_karras(cfg.steps, float(den.sigma_min), float(den.sigma_max), device="cpu")
+    x = torch.randn((batch, 3, 32, 32), generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    with torch.no_grad():
+        u = lm.encode([cfg.negative] * batch)
+        c = lm.encode([prompt] * batch)
+
+        def f(x_, s_):
+            a, b = den(torch.cat([x_, x_]), torch.cat([s_, s_]), cond=torch.cat([u, c])).chunk(2)
+            return a + (b - a) * cfg.cfg_scale
+
+        torch.manual_seed(seed)
+        return K.sampling.sample_dpmpp_2m(f, x, sigmas, disable=True)
+
+
+def _merged(lm, lora_weights):
+    """A copy of the shapes model with ``W + weight * ΔW`` merged into copies of its UNet and text encoder; ΔW is the
+    float64 reference of tests/test_rows.py, not the per-row code under test."""
+    import copy
+    from dataclasses import replace
+
+    from clora.lora.keymap import resolve
+    from tests.test_rows import ref_delta
+
+    unet, text = copy.deepcopy(lm.unet), copy.deepcopy(lm.text_model)
+    where = {id(m): (unet, n) for n, m in lm.unet.named_modules()}
+    where.update({id(m): (text, n) for n, m in lm.text_model.named_modules()})
+    with torch.no_grad():
+        for lora, weight in lora_weights:
+            for _c, _p, module, lmod in resolve(lora, unet=lm.unet, text_model=lm.text_model).targets:
+                root, name = where[id(module)]
+                w = root.get_submodule(name).weight
+                w.copy_((w.double() + weight * ref_delta(lmod, w)).to(w.dtype))
+    return replace(lm, unet=unet, text_model=text)
+
+
 @needs_base
-def test_plain_sampling_matches_the_runner(lm):
-    from clora.runner import generate
+def test_merged_lora_sampling_matches_merged_weights(lm):
+    """`evaluate.sample_with_loras` (the runner with CLoRA off and plain LoRAs) against sampling written here: plain
+    sampling bit for bit without LoRAs, and with two concept LoRAs against the model whose weights were merged."""
+    from clora.lora.files import load_lora
+
+    cfg = E.SampleConfig(steps=4, negative="a blue square")
+    ours = E.sample_with_loras(lm, "a red circle", [], cfg, seed=3, batch=2)
+    assert torch.equal(ours, _reference_sampling(lm, "a red circle", cfg, seed=3, batch=2))
+
+    loras = [(load_lora(E.LORA_DIR / "stripes.safetensors"), 1.0), (load_lora(E.LORA_DIR / "checker.safetensors"), 0.7)]
+    prompt = f"a {W.CONCEPTS[0].trigger} red circle"
+    ours = E.sample_with_loras(lm, prompt, loras, cfg, seed=5, batch=2)
+    ref = _reference_sampling(_merged(lm, loras), prompt, cfg, seed=5, batch=2)
+    plain = _reference_sampling(lm, prompt, cfg, seed=5, batch=2)
+    atol = 1e-5 * float(ref.abs().max())
+    assert float((ref - plain).abs().max()) > 1e3 * atol  # the LoRAs change the images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=atol)
+
+
+@needs_base
+def test_runner_reads_the_16_token_context(lm):
+    from clora.runner import RunnerError, generate
     from clora.settings import CloraSettings
 
-    cfg = E.SampleConfig(steps=4)
-    ours = E.sample_with_loras(lm, "a red circle", [], cfg, seed=3, batch=2)
-    ref = generate(lm, "a red circle", CloraSettings(), sampler=cfg.sampler, steps=4, cfg_scale=cfg.cfg_scale, seed=3,
-                   width=32, height=32, batch_size=2, progress=False).latent
-    assert torch.equal(ours, ref)
+    assert lm.max_tokens == M.TOKENS == 16
+    at_limit = "a red circle and a blue square and a green triangle and a yellow"  # 14 ids + BOS + EOS
+    kw = dict(sampler="euler", steps=1, width=32, height=32, progress=False)
+    generate(lm, at_limit, CloraSettings(), **kw)
+    with pytest.raises(RunnerError, match="^The prompt is 17 tokens; this model's text encoder takes at most 16 "):
+        generate(lm, at_limit + " circle", CloraSettings(), **kw)
 
 
 @needs_base

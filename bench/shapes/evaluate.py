@@ -176,24 +176,6 @@ class SampleConfig:
     negative: str = ""
 
 
-def _sigmas(denoiser, sampler: str, steps: int) -> torch.Tensor:
-    import k_diffusion as K
-
-    if sampler.endswith("_karras"):
-        return K.sampling.get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device="cpu")
-    return denoiser.get_sigmas(steps)
-
-
-def _sample_fn(sampler: str):
-    import k_diffusion as K
-
-    return {
-        "euler": K.sampling.sample_euler,
-        "dpmpp_2m": K.sampling.sample_dpmpp_2m,
-        "dpmpp_2m_karras": K.sampling.sample_dpmpp_2m,
-    }[sampler]
-
-
 def sample_with_loras(
     lm: M.ShapesModel,
     prompt: str,
@@ -203,36 +185,18 @@ def sample_with_loras(
     batch: int,
 ) -> torch.Tensor:
     """Plain k-diffusion sampling with LoRAs on every row (UNet and text encoder, cond and uncond): merging without
-    touching the weights.  The noise is drawn exactly as `clora.runner.generate` draws it, so images of the same
-    seed and row start from the same noise in every method.  Returns images (batch, 3, 32, 32) in [-1, 1]."""
-    from clora.lora.keymap import resolve
-    from clora.lora.rows import LoraRows, RowPlan
+    touching the weights.  This is `clora.runner.generate` with CLoRA off and ``plain_loras``, so images of the same
+    seed and row start from the same noise in every method.  ``loras``: ``(LoraFile, weight)`` pairs.  Returns images
+    (batch, 3, 32, 32) in [-1, 1]."""
+    from clora.runner import generate
+    from clora.settings import CloraSettings
 
-    unet_t, text_t = [], []
-    for idx, (lora, _w) in enumerate(loras):
-        for component, _path, module, lmod in resolve(lora, unet=lm.unet, text_model=lm.text_model).targets:
-            (unet_t if component == "unet" else text_t).append((module, idx, lmod))
-    every = [(i, float(w)) for i, (_l, w) in enumerate(loras)]
-    denoiser = lm.denoiser()
-    sigmas = _sigmas(denoiser, cfg.sampler, cfg.steps)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, lm.latent_channels, 32, 32), generator=gen) * sigmas[0]
-    with torch.no_grad(), LoraRows(text_t) as te:
-        te.plan = RowPlan.from_lists([every] * batch)
-        uncond = lm.encode([cfg.negative] * batch)
-        cond = lm.encode([prompt] * batch)
-    rows = LoraRows(unet_t)
-
-    def cfg_denoise(x_, sigma_, **_):
-        with rows:
-            rows.plan = RowPlan.from_lists([every] * (2 * x_.shape[0]))
-            out = denoiser(torch.cat([x_, x_]), torch.cat([sigma_, sigma_]), cond=torch.cat([uncond, cond]))
-        u, c = out.chunk(2)
-        return u + (c - u) * cfg.cfg_scale
-
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return _sample_fn(cfg.sampler)(cfg_denoise, x, sigmas, disable=True)
+    res = generate(
+        lm, prompt, CloraSettings(enabled=False), loras=[lora for lora, _w in loras],
+        plain_loras=[(lora.name, float(w)) for lora, w in loras], negative=cfg.negative, sampler=cfg.sampler,
+        steps=cfg.steps, cfg_scale=cfg.cfg_scale, seed=seed, width=32, height=32, batch_size=batch, progress=False,
+    )
+    return res.latent
 
 
 def clora_settings(case: Case, **overrides: Any):
