@@ -6,19 +6,26 @@ Forge shares A1111's script API, prompt parser and LoRA folder, so the per-gener
 * ``process_before_every_sampling`` (called before the first pass and again before a hires pass) patches a *clone*
   of ``p.sd_model.forge_objects.unet`` — Forge rebuilds ``forge_objects`` for every batch and pass, so nothing
   outlives the pass — with
-  - a conditioning modifier, which receives the sampler's own ``x`` and performs the contrastive latent update in
+  - a conditioning modifier, which receives the model's input ``x`` and performs the contrastive latent update in
     place (Forge samples under ``torch.inference_mode()``: the gradient pass runs inside
     `clora.gradmode.inference_safe_gradients`, which leaves inference mode, gives autograd normal copies of the
     weights and shields LayerNorm inputs from Forge's in-place residual adds, and restores everything);
   - a UNet function wrapper, which answers the base cond/uncond rows with CLoRA's fused predictions from one batched
     call over every variant's rows; Forge then applies CFG.
+* The model's input is the sampler's own latent only in the plain case: ``CFGDenoiser.forward`` rebinds ``x`` for an
+  inpainting mask (``x * nmask + noisy_init * mask``) and for the timestep samplers' classic DDIM eps estimation
+  (``x * sqrt(sigma² + 1)``), so an update of the input alone would never reach the sampler.  ``p.sample`` therefore
+  runs with ``CFGDenoiser.forward`` wrapped (a class attribute replaced in a ``try/finally`` spanning exactly that
+  call, as in A1111's glue) to record the latent the sampler passed, and the modifier carries the update over to it
+  through the same transform.
 * bound ``<lora:>`` tags are removed before Forge merges networks, as in A1111.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -79,6 +86,8 @@ class ForgeRun(A1111Run):
     """One batch of one generation in Forge."""
 
     pass_state: dict = field(default_factory=dict)
+    #: (denoiser, the latent the sampler passed it) during one ``CFGDenoiser.forward`` of this run's sampler
+    host_call: Optional[tuple[Any, torch.Tensor]] = None
 
     # host specifics ---------------------------------------------------------------------------------------
     def model_family(self) -> str:
@@ -174,8 +183,75 @@ class ForgeRun(A1111Run):
                                sigma=timestep, x=x, model=model, options=model_options.get("transformer_options", {}))
         composer = self._composer_for(x)
         if not self.pass_state["hires"]:
-            composer.update(x, timestep, conds, self._model_fn(model, c_concat, timestep, x.shape[0], True), step)
+            latent = self._sampler_latent(x)
+            before = x.clone() if latent is not None else None
+            fn = self._model_fn(model, c_concat, timestep, x.shape[0], True)
+            if composer.update(x, timestep, conds, fn, step) and latent is not None:
+                self._carry_update(latent, x, before, timestep)
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    # the sampler's latent -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def tracking_sampler_latent(self):
+        """``CFGDenoiser.forward`` wrapped for exactly the ``with`` body (restored on success, error and interrupt):
+        the wrapper only records the latent this run's sampler passes to its denoiser, then calls Forge's forward."""
+        from modules import sd_samplers_cfg_denoiser as cfgmod
+
+        cls = cfgmod.CFGDenoiser
+        original_forward = cls.__dict__.get("forward")
+        if original_forward is None:  # no forward of its own to wrap: the modifier updates its input only
+            yield
+            return
+        run = self
+
+        def forward(denoiser, x, *args, **kwargs):
+            if denoiser is not run._denoiser():
+                return original_forward(denoiser, x, *args, **kwargs)
+            saved, run.host_call = run.host_call, (denoiser, x)
+            try:
+                return original_forward(denoiser, x, *args, **kwargs)
+            finally:
+                run.host_call = saved
+
+        cls.forward = forward
+        try:
+            yield
+        finally:
+            cls.forward = original_forward
+            self.host_call = None
+
+    def _sampler_latent(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sampler's own latent when Forge gave the modifier another tensor (rebound ``x``), else None."""
+        call = self.host_call
+        if call is None:
+            return None
+        denoiser, latent = call
+        if latent is x or denoiser is not self._denoiser() or latent.shape != x.shape:
+            return None
+        return latent
+
+    def _carry_update(self, latent: torch.Tensor, x: torch.Tensor, before: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Give the sampler's ``latent`` the update just made to the model input ``x`` (``before`` it), through
+        Forge's transform  input = scale * latent * nmask + noisy_init * mask  (``mask``: inpainting, kept region
+        = 1; ``scale`` = sqrt(sigma² + 1) under classic DDIM eps estimation).  Where the mask keeps the image the
+        latent is left alone and the input is put back as Forge builds it, so this step sees what the next one will."""
+        denoiser = self._denoiser()
+        delta = x - before
+        scale = None
+        if getattr(denoiser, "classic_ddim_eps_estimation", False):
+            scale = ((sigma.to(delta) ** 2.0 + 1.0) ** 0.5).reshape(-1, *([1] * (delta.ndim - 1)))
+        nmask = getattr(denoiser, "nmask", None) if getattr(denoiser, "mask", None) is not None else None
+        if nmask is None:
+            latent.add_((delta if scale is None else delta / scale).to(latent))
+            return
+        nmask = nmask.to(delta)
+        delta = delta * nmask
+        inside = nmask == 1
+        x.copy_(torch.where(inside, x, before + delta * nmask))
+        new = latent + (delta if scale is None else delta / scale).to(latent)
+        if scale is None:  # fully inpainted positions: the input *is* the latent there, take it without rounding
+            new = torch.where(inside, x.to(latent), new)
+        latent.copy_(new)
 
     def _conds(self, calls: int, uncond: Optional[torch.Tensor], x: torch.Tensor):
         from modules import prompt_parser
@@ -240,7 +316,8 @@ class ForgeHost(A1111Host):
         def sample(*a, **kw):
             if run.error is not None:
                 raise CloraError(run.error) from run.error
-            out = original(*a, **kw)
+            with run.tracking_sampler_latent():
+                out = original(*a, **kw)
             # Forge only logs exceptions of process_before_every_sampling: report them here, and never let a
             # binding be ignored silently (e.g. another extension replaced the UNet patch).
             if run.error is not None:
