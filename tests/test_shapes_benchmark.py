@@ -9,6 +9,7 @@ beside the repository.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,6 +205,35 @@ def test_base_training_runs_and_saves_a_loadable_model(tmp_path):
     assert small.encode(["a red circle"]).shape == (1, M.TOKENS, 64)
     assert T.lr_at(0, 2739, 1e-3) == pytest.approx(5e-6) and T.lr_at(1000, 2739, 1e-3) == 1e-3
     assert T.lr_at(2738, 2739, 1e-3) == pytest.approx(1e-3 / 685, rel=0.01)
+
+
+@needs_base
+def test_evaluation_in_worker_processes_draws_the_same_images():
+    """`--jobs`: cases dealt to worker processes keep their seeds, so every image scores as in one process."""
+    cases = E.pair_cases()[:3]
+    one = E.evaluate(cases, ["base"], 2, log=lambda _m: None)
+    two = E._evaluate_in_workers(cases, ["base"], 2, E.LORA_DIR, 0, 2, {"seed": 1000, "map_size": 8,
+                                                                       "clora_overrides": None})
+    assert [c["name"] for c in two["cases"]] == [c.name for c in cases]
+    assert [c["methods"]["base"]["per_image"] for c in two["cases"]] == \
+        [c["methods"]["base"]["per_image"] for c in one["cases"]]
+    assert two["config"]["jobs"] == 2
+
+
+def test_evaluation_seeds_follow_case_numbers(monkeypatch):
+    seen = []
+
+    def fake_run(lm, case, method, lora_dir, cfg, seed, batch, overrides=None):
+        seen.append((case.name, seed))
+        return np.zeros((batch, 32, 32, 3), np.uint8), {"cpu_seconds_per_image": 0.0}
+
+    monkeypatch.setattr(E, "run_method", fake_run)
+    monkeypatch.setattr(E.M, "load", lambda map_size=8: None)
+    cases = E.pair_cases()
+    E.evaluate(cases[2:4], ["base"], 1, seed=1000, case_numbers=[2, 3], log=lambda _m: None)
+    E.evaluate(cases[:2], ["base"], 1, seed=1000, log=lambda _m: None)
+    assert seen == [(cases[2].name, 1000 + 97 * 2), (cases[3].name, 1000 + 97 * 3),
+                    (cases[0].name, 1000), (cases[1].name, 1000 + 97)]
 
 
 # ----- the reduced composition check ------------------------------------------------------------------------------

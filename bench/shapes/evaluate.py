@@ -21,7 +21,7 @@ averaged without masks), ``clora_lambda85`` (mask threshold λ = 0.85, the best 
 
 Usage::
 
-    OMP_NUM_THREADS=1 python -m bench.shapes.evaluate            # full run: results.json + results.md
+    OMP_NUM_THREADS=1 python -m bench.shapes.evaluate --jobs 2   # full run: results.json + results.md
     OMP_NUM_THREADS=1 python -m bench.shapes.evaluate --quick    # the reduced check (a few seeds, 3 pairs)
 """
 from __future__ import annotations
@@ -279,11 +279,14 @@ def score_batch(images: np.ndarray, case: Case) -> list[dict[str, float]]:
 def solo_rates(lm: M.ShapesModel, lora_dir: Path, cfg: SampleConfig, n: int, seed: int = 500) -> dict[str, Any]:
     """Each concept LoRA alone on one-object prompts ``"a <trigger> <colour> <shape>"`` (4 images per prompt):
     ``success`` = exactly the requested object (one object; shape, colour and pattern right); ``pattern`` = one
-    object carrying the concept's pattern (shape and colour not checked)."""
+    object carrying the concept's pattern (shape and colour not checked).  ``base``: the base model without LoRA on
+    the same objects (plain captions, same noise) — exactly right (``success``, plain fill) and one object of the
+    right shape and colour (``object``): the ceiling a concept LoRA's ``success`` can reach."""
     from clora.lora.files import load_lora
 
     out: dict[str, Any] = {}
     per_prompt = min(4, n)
+    base_success, base_object = [], []
     for k, concept in enumerate(W.CONCEPTS):
         rng = np.random.default_rng(seed + k)
         lora = load_lora(lora_dir / f"{concept.name}.safetensors")
@@ -296,8 +299,16 @@ def solo_rates(lm: M.ShapesModel, lora_dir: Path, cfg: SampleConfig, n: int, see
                 found = D.kinds_of(D.detect(im))
                 success.append(float(found == kind))
                 pattern.append(float(len(found) == 1 and found[0][2] == concept.pattern))
+            # the ceiling: the base itself on the same object, same noise, plain caption
+            plain = [(kind[0][0], kind[0][1], "plain")]
+            for im in M.to_uint8(sample_with_loras(lm, W.caption(plain), [], cfg, seed + 100 * k + j, per_prompt)):
+                found = D.kinds_of(D.detect(im))
+                base_success.append(float(found == plain))
+                base_object.append(float(len(found) == 1 and found[0][:2] == plain[0][:2]))
         out[concept.name] = {"success": float(np.mean(success)), "pattern": float(np.mean(pattern)),
                              "images": len(success), "cpu_seconds_per_image": (time.process_time() - t0) / len(success)}
+    out["base"] = {"success": float(np.mean(base_success)), "object": float(np.mean(base_object)),
+                   "images": len(base_success)}
     return out
 
 
@@ -347,6 +358,50 @@ def attention_localisation(
                      "mask_iou": float(np.mean([r[2] for r in v]))} for t, v in rows.items()}
 
 
+def attention_by_layer(
+    lm: M.ShapesModel, n: int = 24, timesteps: Sequence[int] = (100, 500, 900), seed: int = 0
+) -> dict[str, Any]:
+    """`attention_localisation` per cross-attention layer and per word: for each layer at 16x16 and 8x8, the share
+    of the attention mass of an object's colour word, shape word and both (``subject``) on its own pixels (``own``)
+    and on the other object's (``other``), averaged over ``n`` rendered two-object scenes and both objects.  CLoRA
+    (like the authors' code) averages every layer at the map size; this shows which of them carry the localisation."""
+    from clora.attention import AttentionCapture
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    alphas = M.alphas_cumprod()
+    acc: dict[tuple[int, str, int, str], list[tuple[float, float]]] = {}
+    words = {"colour": (2,), "shape": (3,), "subject": (2, 3)}  # BOS a colour shape and a colour shape EOS
+    for i in range(n):
+        scene = W.sample_scene(rng, W.sample_kinds(rng, 2))
+        x0 = torch.from_numpy(W.render(scene, rng)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        ctx = lm.encode([W.caption(scene.objects)])
+        for size in (16, 8):
+            masks = [F.adaptive_avg_pool2d(torch.from_numpy(W.shape_mask(o)).float()[None, None], size)[0, 0]
+                     for o in scene.objects]
+            for t in timesteps:
+                g = torch.Generator().manual_seed(1000 * i + t)
+                a = alphas[t]
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+                with AttentionCapture(lm.unet) as cap, torch.no_grad():
+                    cap.configure(size=(size, size))
+                    cap.reset()
+                    lm.unet(xt, torch.tensor([t]), context=ctx)
+                    per_layer = list(zip(cap.layer_names, cap._store))
+                for name, maps in per_layer:
+                    for word, toks in words.items():
+                        att = [maps[0][..., [tk + 4 * k for tk in toks]].sum(-1) for k in range(2)]
+                        own = sum(float((att[k] * masks[k]).sum() / att[k].sum()) for k in range(2)) / 2
+                        other = sum(float((att[k] * masks[1 - k]).sum() / att[k].sum()) for k in range(2)) / 2
+                        acc.setdefault((size, name, t, word), []).append((own, other))
+    out: dict[str, Any] = {}
+    for (size, name, t, word), v in sorted(acc.items()):
+        arr = np.asarray(v)
+        out.setdefault(f"{size}x{size}", {}).setdefault(name, {}).setdefault(word, {})[str(t)] = {
+            "own": float(arr[:, 0].mean()), "other": float(arr[:, 1].mean())}
+    return out
+
+
 def evaluate(
     cases: Sequence[Case],
     methods: Sequence[str],
@@ -358,8 +413,12 @@ def evaluate(
     clora_overrides: Optional[dict[str, Any]] = None,
     solo_images: int = 0,
     log=print,
+    case_numbers: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
-    """Run every method on every case; per-case and pooled metrics (pairs and triples pooled separately)."""
+    """Run every method on every case; per-case and pooled metrics (pairs and triples pooled separately).
+
+    Case ``i`` samples from seed ``seed + 97 * case_numbers[i]`` (default: its position), so a subset of the cases
+    run elsewhere (``--jobs``) draws exactly the images it draws in the whole run."""
     torch.set_num_threads(1)
     lm = M.load(map_size=map_size)
     results: dict[str, Any] = {
@@ -372,7 +431,8 @@ def evaluate(
         log(f"attention localisation: {json.dumps(results['attention'])}")
         results["solo"] = solo_rates(lm, lora_dir, cfg, solo_images)
         log(f"solo: {json.dumps(results['solo'])}")
-    for ci, case in enumerate(cases):
+    numbers = list(case_numbers) if case_numbers is not None else list(range(len(cases)))
+    for ci, case in zip(numbers, cases):
         entry: dict[str, Any] = {"name": case.name, "prompt": case.prompt(), "requested": case.requested, "methods": {}}
         for method in methods:
             if method == "single":
@@ -449,13 +509,48 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| concept LoRA alone (one-object prompts) | exactly right | its pattern on one object | images |")
         lines.append("|---|---|---|---|")
         for name, s in results["solo"].items():
-            lines.append(f"| {name} | {s['success']:.2f} | {s['pattern']:.2f} | {s['images']} |")
+            if name == "base":
+                lines.append(f"| *base, no LoRA, plain caption (the ceiling)* | {s['success']:.2f} | "
+                             f"(right object: {s['object']:.2f}) | {s['images']} |")
+            else:
+                lines.append(f"| {name} | {s['success']:.2f} | {s['pattern']:.2f} | {s['images']} |")
         lines.append("")
     return "\n".join(lines)
 
 
 FULL_METHODS = ("base", "single", "merged", "clora", "clora_no_update", "clora_no_mask", "clora_lambda85", "oracle")
 QUICK_METHODS = ("merged", "clora")
+
+
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.process_time()
+    res = evaluate(**job)
+    res["cpu_seconds_total"] = time.process_time() - t0
+    return res
+
+
+def _evaluate_in_workers(
+    cases: Sequence[Case], methods: Sequence[str], seeds: int, lora_dir: Path, solo: int, jobs: int, kw: dict
+) -> dict[str, Any]:
+    """`evaluate` with the cases dealt round-robin to ``jobs`` processes (the last also measures the solo rates and
+    the attention localisation); every case keeps its number, hence its seed.  Returns the merged results."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    deal = [list(range(j, len(cases), jobs)) for j in range(jobs)]
+    deal = [idx for idx in deal if idx] or [[]]
+    last = len(deal) - 1  # the fewest cases: it also measures the solo rates and the attention
+    work = [dict(cases=[cases[i] for i in idx], methods=methods, seeds=seeds, lora_dir=lora_dir, case_numbers=idx,
+                 solo_images=solo if j == last else 0, **kw) for j, idx in enumerate(deal)]
+    with cf.ProcessPoolExecutor(len(work), mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_worker, work))
+    by_number = {n: c for part, job in zip(parts, work) for n, c in zip(job["case_numbers"], part["cases"])}
+    results = dict(parts[last])
+    results["cases"] = [by_number[i] for i in range(len(cases))]
+    results["pooled"] = pooled(results["cases"])
+    results["cpu_seconds_total"] = sum(p["cpu_seconds_total"] for p in parts)
+    results["config"] = {**results["config"], "jobs": jobs}
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -466,12 +561,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--triples", type=int, default=1)
     ap.add_argument("--map-size", type=int, default=8, choices=(8, 16))
     ap.add_argument("--methods", nargs="*", default=None)
-    ap.add_argument("--solo", type=int, default=20, help="images per concept for the solo rates (0: skip)")
+    ap.add_argument("--solo", type=int, default=40, help="images per concept for the solo rates (0: skip)")
     ap.add_argument("--lora-dir", type=Path, default=LORA_DIR)
     ap.add_argument("--clora", default="{}", help="JSON of CLoRA setting overrides")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    ap.add_argument("--attention-layers", type=Path, default=None, metavar="JSON",
+                    help="only measure the per-layer attention localisation (attention_by_layer) into this file")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each); same images as --jobs 1")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.attention_layers:
+        layers = attention_by_layer(M.load())
+        args.attention_layers.write_text(json.dumps(layers, indent=1) + "\n")
+        for size, by_name in layers.items():
+            for name, by_word in by_name.items():
+                print(size, name, " ".join(f"{w}@{t}: {v['own']:.2f}/{v['other']:.2f}"
+                                           for w, ts in by_word.items() for t, v in ts.items()))
+        return 0
     cases = pair_cases()
     if args.quick:
         cases = cases[:3]
@@ -479,15 +585,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cases += triple_cases(args.triples)
     methods = args.methods or (QUICK_METHODS if args.quick else FULL_METHODS)
     seeds = args.seeds or (8 if args.quick else 20)
-    t0 = time.process_time()
-    results = evaluate(cases, methods, seeds, args.lora_dir, seed=args.seed, map_size=args.map_size,
-                       clora_overrides=json.loads(args.clora), solo_images=0 if args.quick else args.solo)
-    results["cpu_seconds_total"] = time.process_time() - t0
+    kw = dict(seed=args.seed, map_size=args.map_size, clora_overrides=json.loads(args.clora))
+    solo = 0 if args.quick else args.solo
+    wall = time.perf_counter()
+    if args.jobs <= 1:
+        t0 = time.process_time()
+        results = evaluate(cases, methods, seeds, args.lora_dir, solo_images=solo, **kw)
+        results["cpu_seconds_total"] = time.process_time() - t0
+    else:
+        results = _evaluate_in_workers(cases, methods, seeds, args.lora_dir, solo, args.jobs, kw)
+    results["wall_seconds"] = time.perf_counter() - wall
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     table = markdown_table(results)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    print(f"total CPU {results['cpu_seconds_total']:.0f} s")
+    print(f"total CPU {results['cpu_seconds_total']:.0f} s, wall {results['wall_seconds']:.0f} s")
     return 0
 
 
