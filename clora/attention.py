@@ -203,6 +203,10 @@ class AttentionCapture:
             return self._store[0]
         return torch.stack(self._store).mean(dim=0)
 
+    def layer_maps(self) -> list[tuple[str, torch.Tensor]]:
+        """Each captured layer's map, ``(qualified name, (B, h, w, T) averaged over heads)``, in firing order."""
+        return list(zip(self._names, self._store))
+
     # ----- the hook -----------------------------------------------------------------------------------------------
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

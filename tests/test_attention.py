@@ -114,11 +114,16 @@ def test_captured_maps_equal_reference(unet, monkeypatch, size) -> None:
             cap.run(unet, x, t, context=ctx)
             maps = cap.maps()
             names = cap.layer_names
+            per_layer = cap.layer_maps()
     matching = [p for n, p in records if n == size[0] * size[1]]
     assert len(matching) == 5 == len(names)  # 2 input + 3 output layers per level in this config
     ref = torch.stack(matching).mean(0).reshape(3, *size, T_TOKENS)
     assert maps.shape == (3, *size, T_TOKENS)
     torch.testing.assert_close(maps, ref, rtol=1e-5, atol=1e-7)
+    # each layer's own map, in firing order, against the reference's per-layer probabilities
+    assert [n for n, _m in per_layer] == list(names)
+    for (_n, m), p in zip(per_layer, matching):
+        torch.testing.assert_close(m, p.reshape(3, *size, T_TOKENS), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(maps.sum(-1), torch.ones(3, *size))
     assert all(n.endswith("attn2") for n in names)
 

@@ -320,6 +320,45 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _noised_two_object_scenes(lm: M.ShapesModel, n: int, timesteps: Sequence[int], seed: int):
+    """``n`` rendered two-object scenes, each noised to every timestep: yields ``(scene, context, t, x_t)``; the
+    noise of scene ``i`` at ``t`` comes from seed ``1000 i + t``."""
+    rng = np.random.default_rng(seed)
+    alphas = M.alphas_cumprod()
+    for i in range(n):
+        scene = W.sample_scene(rng, W.sample_kinds(rng, 2))
+        x0 = torch.from_numpy(W.render(scene, rng)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        ctx = lm.encode([W.caption(scene.objects)])  # BOS a c1 s1 and a c2 s2 EOS...
+        for t in timesteps:
+            g = torch.Generator().manual_seed(1000 * i + t)
+            a = alphas[t]
+            yield scene, ctx, t, a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+
+
+def _object_masks(scene: W.Scene, size: int) -> list[torch.Tensor]:
+    import torch.nn.functional as F
+
+    return [F.adaptive_avg_pool2d(torch.from_numpy(W.shape_mask(o)).float()[None, None], size)[0, 0]
+            for o in scene.objects]
+
+
+def _own_other(attn: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Share of each object's attention mass on its own pixels and on the other object's, averaged over both."""
+    own = sum(float((attn[k] * masks[k]).sum() / attn[k].sum()) for k in range(2)) / 2
+    other = sum(float((attn[k] * masks[1 - k]).sum() / attn[k].sum()) for k in range(2)) / 2
+    return own, other
+
+
+def _layer_maps(lm: M.ShapesModel, xt: torch.Tensor, t: int, ctx: torch.Tensor, size: int):
+    from clora.attention import AttentionCapture
+
+    with AttentionCapture(lm.unet) as cap, torch.no_grad():
+        cap.configure(size=(size, size))
+        cap.reset()
+        lm.unet(xt, torch.tensor([t]), context=ctx)
+        return cap.maps()[0], [(name, m[0]) for name, m in cap.layer_maps()]
+
+
 def attention_localisation(
     lm: M.ShapesModel, map_size: int, n: int = 24, timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -327,33 +366,14 @@ def attention_localisation(
     noised to each timestep: per object, the share of its colour+shape tokens' attention mass on its own pixels
     (``own``) and on the other object's (``other``), and the IoU of the two objects' masks thresholded at
     0.4 × max as CLoRA thresholds them.  With maps that find their objects, ``own`` ≫ ``other`` and the IoU is low."""
-    from clora.attention import AttentionCapture
-    import torch.nn.functional as F
-
-    rng = np.random.default_rng(seed)
-    alphas = M.alphas_cumprod()
     rows: dict[int, list[tuple[float, float, float]]] = {t: [] for t in timesteps}
-    for i in range(n):
-        scene = W.sample_scene(rng, W.sample_kinds(rng, 2))
-        x0 = torch.from_numpy(W.render(scene, rng)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ctx = lm.encode([W.caption(scene.objects)])  # BOS a c1 s1 and a c2 s2 EOS...
-        masks = [F.adaptive_avg_pool2d(torch.from_numpy(W.shape_mask(o)).float()[None, None], map_size)[0, 0]
-                 for o in scene.objects]
-        for t in timesteps:
-            g = torch.Generator().manual_seed(1000 * i + t)
-            a = alphas[t]
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
-            with AttentionCapture(lm.unet) as cap, torch.no_grad():
-                cap.configure(size=(map_size, map_size))
-                cap.reset()
-                lm.unet(xt, torch.tensor([t]), context=ctx)
-                maps = cap.maps()[0]
-            attn = [maps[..., 2:4].sum(-1), maps[..., 6:8].sum(-1)]
-            own = sum(float((attn[k] * masks[k]).sum() / attn[k].sum()) for k in range(2)) / 2
-            other = sum(float((attn[k] * masks[1 - k]).sum() / attn[k].sum()) for k in range(2)) / 2
-            th = [a_ >= 0.4 * a_.max() for a_ in attn]
-            iou = float((th[0] & th[1]).sum()) / max(float((th[0] | th[1]).sum()), 1.0)
-            rows[t].append((own, other, iou))
+    for scene, ctx, t, xt in _noised_two_object_scenes(lm, n, timesteps, seed):
+        maps, _ = _layer_maps(lm, xt, t, ctx, map_size)
+        attn = [maps[..., 2:4].sum(-1), maps[..., 6:8].sum(-1)]
+        own, other = _own_other(attn, _object_masks(scene, map_size))
+        th = [a_ >= 0.4 * a_.max() for a_ in attn]
+        iou = float((th[0] & th[1]).sum()) / max(float((th[0] | th[1]).sum()), 1.0)
+        rows[t].append((own, other, iou))
     return {str(t): {"own": float(np.mean([r[0] for r in v])), "other": float(np.mean([r[1] for r in v])),
                      "mask_iou": float(np.mean([r[2] for r in v]))} for t, v in rows.items()}
 
@@ -365,35 +385,15 @@ def attention_by_layer(
     of the attention mass of an object's colour word, shape word and both (``subject``) on its own pixels (``own``)
     and on the other object's (``other``), averaged over ``n`` rendered two-object scenes and both objects.  CLoRA
     (like the authors' code) averages every layer at the map size; this shows which of them carry the localisation."""
-    from clora.attention import AttentionCapture
-    import torch.nn.functional as F
-
-    rng = np.random.default_rng(seed)
-    alphas = M.alphas_cumprod()
     acc: dict[tuple[int, str, int, str], list[tuple[float, float]]] = {}
     words = {"colour": (2,), "shape": (3,), "subject": (2, 3)}  # BOS a colour shape and a colour shape EOS
-    for i in range(n):
-        scene = W.sample_scene(rng, W.sample_kinds(rng, 2))
-        x0 = torch.from_numpy(W.render(scene, rng)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ctx = lm.encode([W.caption(scene.objects)])
+    for scene, ctx, t, xt in _noised_two_object_scenes(lm, n, timesteps, seed):
         for size in (16, 8):
-            masks = [F.adaptive_avg_pool2d(torch.from_numpy(W.shape_mask(o)).float()[None, None], size)[0, 0]
-                     for o in scene.objects]
-            for t in timesteps:
-                g = torch.Generator().manual_seed(1000 * i + t)
-                a = alphas[t]
-                xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
-                with AttentionCapture(lm.unet) as cap, torch.no_grad():
-                    cap.configure(size=(size, size))
-                    cap.reset()
-                    lm.unet(xt, torch.tensor([t]), context=ctx)
-                    per_layer = list(zip(cap.layer_names, cap._store))
-                for name, maps in per_layer:
-                    for word, toks in words.items():
-                        att = [maps[0][..., [tk + 4 * k for tk in toks]].sum(-1) for k in range(2)]
-                        own = sum(float((att[k] * masks[k]).sum() / att[k].sum()) for k in range(2)) / 2
-                        other = sum(float((att[k] * masks[1 - k]).sum() / att[k].sum()) for k in range(2)) / 2
-                        acc.setdefault((size, name, t, word), []).append((own, other))
+            masks = _object_masks(scene, size)
+            for name, maps in _layer_maps(lm, xt, t, ctx, size)[1]:
+                for word, toks in words.items():
+                    att = [maps[..., [tk + 4 * k for tk in toks]].sum(-1) for k in range(2)]
+                    acc.setdefault((size, name, t, word), []).append(_own_other(att, masks))
     out: dict[str, Any] = {}
     for (size, name, t, word), v in sorted(acc.items()):
         arr = np.asarray(v)
