@@ -93,3 +93,28 @@ def test_patterns_use_the_dark_shade_of_the_objects_colour():
     img = W.render(W.Scene(240, (obj,)), np.random.default_rng(0)).astype(float)
     expected = np.round(np.array(W.COLOURS["green"]) * W.DARK)
     assert np.allclose(img[dark].mean(axis=0), expected, atol=0.6)
+
+
+def _darkened_with_light_sliver(pattern: str) -> np.ndarray:
+    """A patterned red circle whose body came out darkened (as generated images do) while a sliver of its edge pixels
+    stayed light, blended with the background."""
+    rng = np.random.default_rng(0)
+    obj = W.Obj("circle", "red", 12, 15.3, 16.1, pattern)
+    img = W.render(W.Scene(235, (obj,)), rng).astype(np.float64)
+    inside = W.shape_mask(obj)
+    edge = inside & ~D._erode(inside)
+    img[inside & ~edge] *= 0.5
+    light = np.zeros_like(edge)
+    light[tuple(np.argwhere(edge)[::3].T)] = True  # every third edge pixel: ~13 % of the object
+    img[edge & light] = 0.8 * np.array(W.COLOURS["red"]) + 0.2 * 235
+    img[edge & ~light] *= 0.5
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("pattern", ["stripes", "columns", "checker"])
+def test_detector_ignores_a_light_sliver_of_blended_edge_pixels(pattern, monkeypatch):
+    img = _darkened_with_light_sliver(pattern)
+    assert D.kinds_of(D.detect(img)) == [("circle", "red", pattern)]
+    # without the interior rule the sliver is the "light" group and the pattern is lost
+    monkeypatch.setattr(D, "_SLIVER", 0.0)
+    assert D.kinds_of(D.detect(img)) != [("circle", "red", pattern)]
