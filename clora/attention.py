@@ -12,7 +12,9 @@ Cross-attention modules are found by structure: a submodule whose own name is ``
 Early stop: a gradient pass only needs the UNet up to the last layer at the map resolution.  The first complete
 pass run through :meth:`AttentionCapture.run` records which layers fired in which order; afterwards, with
 ``stop_after_last=True``, the hook of the last of them raises a private exception that :meth:`AttentionCapture.run`
-catches, so the rest of the UNet never runs.
+catches, so the rest of the UNet never runs.  With ``grad_until_last=True`` instead, the pass runs to the end (its
+output is wanted) but autograd is switched off after the last layer, so the rest of the UNet keeps no activations
+for a backward pass that would never reach them; :meth:`AttentionCapture.run` restores the grad mode on exit.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing"]
+__all__ = ["attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing", "map_size"]
 
 
 class _StopForward(BaseException):
@@ -52,6 +54,13 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: Optiona
     kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)  # (B, h, T, d)
     sim = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     return sim.softmax(dim=-1).mean(dim=1)
+
+
+def map_size(latent_hw: "tuple[int, int] | torch.Size", downscale: int) -> tuple[int, int]:
+    """(h, w) of the attention maps for a latent of ``latent_hw``: the UNet's level ``downscale`` times smaller, whose
+    size is ``ceil`` of the latent's (each stride-2 convolution with padding 1 rounds up), as in the UNet itself."""
+    h, w = (int(latent_hw[0]), int(latent_hw[1]))
+    return (max(1, -(-h // downscale)), max(1, -(-w // downscale)))
 
 
 def _is_cross_attention(name: str, module: nn.Module) -> bool:
@@ -95,6 +104,8 @@ class AttentionCapture:
         self._size: Optional[tuple[int, int]] = None
         self._grad = False
         self._stop_after_last = False
+        self._grad_until_last = False
+        self._grad_mode_saved: Optional[bool] = None
         self._enabled = True
         self._store: list[torch.Tensor] = []
         self._names: list[str] = []
@@ -130,6 +141,7 @@ class AttentionCapture:
         grad: Optional[bool] = None,
         stop_after_last: Optional[bool] = None,
         enabled: Optional[bool] = None,
+        grad_until_last: Optional[bool] = None,
     ) -> None:
         """Change the settings given (others keep their value).
 
@@ -138,6 +150,8 @@ class AttentionCapture:
         stop_after_last: inside :meth:`run`, abandon the forward after the last layer at ``size`` (known once a
                          complete pass at that size has run through :meth:`run`).
         enabled: capture at all.
+        grad_until_last: inside :meth:`run`, switch autograd off after the last layer at ``size`` (the pass still
+                         completes; known once a complete pass at that size has run through :meth:`run`).
         """
         if size is not None:
             h, w = (int(size[0]), int(size[1]))
@@ -150,6 +164,8 @@ class AttentionCapture:
             self._stop_after_last = bool(stop_after_last)
         if enabled is not None:
             self._enabled = bool(enabled)
+        if grad_until_last is not None:
+            self._grad_until_last = bool(grad_until_last)
 
     @property
     def size(self) -> Optional[tuple[int, int]]:
@@ -178,12 +194,15 @@ class AttentionCapture:
         """
         self._pass_names = []
         self._in_run = True
+        self._grad_mode_saved = torch.is_grad_enabled()
         try:
             out = fn(*args, **kwargs)
         except _StopForward:
             return None
         finally:
             self._in_run = False
+            torch.set_grad_enabled(self._grad_mode_saved)
+            self._grad_mode_saved = None
         if self._size is not None and self._enabled:
             self._order = tuple(self._pass_names)
             self._order_size = self._size
@@ -234,14 +253,11 @@ class AttentionCapture:
         self._names.append(name)
         self._pass_names.append(name)
         order = self.known_order
-        if (
-            self._in_run
-            and self._stop_after_last
-            and order
-            and len(self._pass_names) == len(order)
-            and name == order[-1]
-        ):
-            raise _StopForward()
+        if self._in_run and order and len(self._pass_names) == len(order) and name == order[-1]:
+            if self._stop_after_last:
+                raise _StopForward()
+            if self._grad_until_last:
+                torch.set_grad_enabled(False)  # restored by run()
 
 
 _CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")

@@ -2,22 +2,25 @@
 
 Data flow of one call (the host glue supplies tensors and a model callable; nothing here knows the host)::
 
-    sampler x ──► [scheduled step?] gradient pass on the cond rows of every variant (one batched call, stopped
-                   after the last H/32 cross-attention layer) → contrastive loss → x updated in place
-                   (plus refinement iterations at a few steps)
-              ──► one batched call over all rows: [uncond × V variants, cond × V variants] with per-row LoRAs,
-                   capturing the cond rows' H/32 attention maps
+    sampler x ──► [scheduled step?] one forward over every variant's rows [uncond × V, cond × V] with per-row
+                   LoRAs, capturing the H/32 attention maps with gradient (autograd off after the last H/32
+                   layer) → maps = mean over each variant's uncond and cond rows → contrastive loss → backward to x
+                   → x updated in place; at refinement steps the same again (passes whose prediction is not needed
+                   stop after the last H/32 layer)
+              ──► the prediction of the last pass *before* the last update is the one fused and handed back
+                   (for k-diffusion's x0 output, moved with the update so that its ε is kept, as the authors apply
+                   the pre-update ε to the updated latent); at other steps one batched no-grad call over all rows
               ──► masks from those maps → masked average of the variants' predictions (uncond and cond alike)
               ──► (fused uncond, fused cond) back to the host, which applies CFG.
 
-Row layout everywhere: variant-major, ``row = v * B + b`` for variant ``v`` (0 = base prompt) and image ``b``.
+This is the authors' computation.  ``settings.maps_from = "cond"`` takes the maps from the cond rows only, and
+``settings.predict_after_update`` recomputes the prediction on the updated latent (one more forward per optimised
+step); both were this engine's behaviour before it matched the authors.
 
-Deliberate differences from the authors' pipeline (documented in the README):
-
-* The prediction used for fusion is computed *after* the latent update, on the updated latent (the authors fuse the
-  predictions of the last pass before the update).
-* Attention maps for the loss come from the cond rows only (the authors average cond and uncond rows together).
-* Gradient passes stop after the last H/32 layer; all variants share one UNet call.
+Row layout everywhere: variant-major, ``row = v * B + b`` for variant ``v`` (0 = base prompt) and image ``b``;
+uncond rows first, then cond rows.  The negative-prompt conditioning is one per variant (``(V, B, T, D)``; each
+variant's negative prompt may be encoded with that variant's text-encoder LoRA), or one shared ``(B, T, D)``, or
+``None`` when the host runs no uncond rows (CFG scale 1).
 """
 from __future__ import annotations
 
@@ -68,6 +71,25 @@ class ComposePlan:
             if len(g) != v:
                 raise ValueError(f"ComposePlan: concept {k} lists {len(g)} variants, expected {v}")
 
+    def text_encoder_loras(self, settings: CloraSettings) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
+        """Per-variant text-encoder LoRAs ``(for the prompt, for the negative prompt)``: the same LoRAs as the
+        variant's cond / uncond UNet rows, with each binding's ``te_weight`` (when set) instead of its weight.  The
+        negative prompt gets none when ``settings.negative_te_lora`` is off (one shared encoding without LoRAs)."""
+        K = len(settings.bindings)
+
+        def te(rows: list[list[tuple[int, float]]]) -> list[list[tuple[int, float]]]:
+            out = []
+            for loras in rows:
+                row = []
+                for idx, w in loras:
+                    b = settings.bindings[idx] if idx < K else None
+                    row.append((idx, float(b.te_weight) if b is not None and b.te_weight is not None else w))
+                out.append(row)
+            return out
+
+        uncond = te(self.uncond_loras) if settings.negative_te_lora else [[] for _ in range(self.n_variants)]
+        return te(self.cond_loras), uncond
+
     def row_plan(self, batch: int, *, uncond: bool, cond: bool) -> RowPlan:
         """The per-row LoRA plan for ``[uncond rows][cond rows]`` (either part optional), variant-major."""
         rows: list[list[tuple[int, float]]] = []
@@ -85,8 +107,12 @@ class StepRecord:
     step: int
     sigma: float
     loss_before: float
+    #: the loss on the finally updated latent; measured only when a pass runs there at this step
+    #: (``predict_after_update``), else None
     loss_after: Optional[float] = None
     iterations: int = 1
+    #: the loss of every iteration, each before its update (``losses[0] == loss_before``)
+    losses: list[float] = field(default_factory=list)
 
 
 def mask_iou(masks: torch.Tensor, a: int, b: int) -> float:
@@ -140,13 +166,18 @@ class Composer:
     #: The results are the same up to float rounding.
     batched: Optional[bool] = None
     history: list[StepRecord] = field(default_factory=list)
-    last_maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) cond-row maps of the last call
+    last_maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) maps of the last call (rows as ``maps_from``)
     last_masks: Optional[torch.Tensor] = None  # (B, V, 1, H, W) masks of the last call
-    mean_maps: Optional[torch.Tensor] = None  # running mean of the cond-row maps over calls
+    mean_maps: Optional[torch.Tensor] = None  # running mean of those maps over calls
     step_ious: list[tuple[int, float]] = field(default_factory=list)  # (step, mean pairwise IoU of concept masks)
     fixed_masks: Optional[torch.Tensor] = None  # (B, V, 1, h, w): use these (resized) instead of new masks (hires pass)
     _maps_seen: int = 0
     _updated_steps: set = field(default_factory=set)
+    #: how many of the rows of the model call in progress are negative-prompt rows (they come first), for host
+    #: glue that labels rows as cond/uncond
+    call_uncond_rows: int = 0
+    #: the fused prediction of the last pass before an update, for the `predict` call of the same step
+    _pending: Optional[dict] = None
 
     def __post_init__(self) -> None:
         n = self.total_steps
@@ -161,66 +192,102 @@ class Composer:
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
-        uncond: torch.Tensor,
+        uncond: Optional[torch.Tensor],
         conds: torch.Tensor,
         model: ModelFn,
         step: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Run one model evaluation with CLoRA: `update` (when scheduled), then `predict`.
 
         x: (B, C, H, W), the sampler's own tensor; updated *in place* on scheduled steps (once per step, also for
            second-order samplers that evaluate the model twice per step).
         sigma: (B,) noise level (k-diffusion) or timestep (eps-space samplers).
-        uncond: (B, T, D) negative-prompt conditioning.  conds: (V, B, T, D) one conditioning per variant.
-        Returns the fused (uncond, cond) predictions, each (B, C, H, W).
+        uncond: (V, B, T, D) one negative-prompt conditioning per variant, or (B, T, D) shared by all, or None
+           (no uncond rows: CFG scale 1).  conds: (V, B, T, D) one conditioning per variant.
+        Returns the fused (uncond, cond) predictions, each (B, C, H, W) (uncond None when ``uncond`` is None).
         """
-        self._check(x, uncond, conds)
-        self.update(x, sigma, conds, model, step)
+        self.update(x, sigma, uncond, conds, model, step)
         return self.predict(x, sigma, uncond, conds, model, step)
 
-    def _check(self, x: torch.Tensor, uncond: Optional[torch.Tensor], conds: torch.Tensor) -> None:
+    def _unconds(self, x: torch.Tensor, uncond: Optional[torch.Tensor], conds: torch.Tensor) -> Optional[torch.Tensor]:
+        """Check the shapes; the negative conditioning as (V, B, T, D) (a shared (B, T, D) one is expanded)."""
         V = self.plan.n_variants
-        if conds.shape[0] != V:
-            raise ValueError(f"expected {V} variant conditionings, got {conds.shape[0]}")
+        if conds.dim() < 3 or conds.shape[0] != V:
+            raise ValueError(f"expected {V} variant conditionings, got {tuple(conds.shape)}")
         B = x.shape[0]
-        if conds.shape[1] != B or (uncond is not None and uncond.shape[0] != B):
+        if conds.shape[1] != B:
             raise ValueError("conditioning batch does not match the latent batch")
-        if uncond is not None and uncond.shape[1:] != conds.shape[2:]:
+        if uncond is None:
+            return None
+        if uncond.dim() == conds.dim() - 1:
+            uncond = uncond.unsqueeze(0).expand(V, *uncond.shape)
+        if uncond.shape[:2] != (V, B):
+            raise ValueError(f"expected (V={V}, B={B}, ...) negative conditionings, got {tuple(uncond.shape)}")
+        if uncond.shape[2:] != conds.shape[2:]:
             raise ValueError(
-                f"uncond and cond token counts differ ({uncond.shape[1]} vs {conds.shape[2]}); pad them to the same length"
+                f"uncond and cond token counts differ ({uncond.shape[2]} vs {conds.shape[2]}); pad them to the same length"
             )
+        return uncond
 
-    def update(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int) -> bool:
-        """The contrastive latent update of ``x`` in place, if ``step`` is scheduled and not done yet. Returns whether it ran."""
-        self._check(x, None, conds)
+    def update(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        uncond: Optional[torch.Tensor],
+        conds: torch.Tensor,
+        model: ModelFn,
+        step: int,
+    ) -> bool:
+        """The contrastive latent update of ``x`` in place, if ``step`` is scheduled and not done yet. Returns whether it ran.
+
+        Unless ``settings.predict_after_update``, the last pass before the (last) update also yields the fused
+        prediction, which the next `predict` at this step returns instead of running the model again."""
+        unconds = self._unconds(x, uncond, conds)
         if step in self._optimise and step not in self._updated_steps:
             self._updated_steps.add(step)
-            self._optimise_latent(x, sigma, conds, model, step)
+            self._optimise_latent(x, sigma, unconds, conds, model, step)
             return True
         return False
 
     def predict(
-        self, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched call over every variant's uncond and cond rows, fused under the masks: (uncond, cond)."""
-        self._check(x, uncond, conds)
-        return self._fused_pass(x, sigma, uncond, conds, model, step)
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        uncond: Optional[torch.Tensor],
+        conds: torch.Tensor,
+        model: ModelFn,
+        step: int,
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The fused (uncond, cond) predictions at ``step``: those kept by `update` at this step (moved with the
+        update in k-diffusion's x0 space), else one no-grad call over every variant's rows, fused under the masks."""
+        unconds = self._unconds(x, uncond, conds)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending["step"] == step and pending["x"].shape == x.shape:
+            u, c = pending["u"], pending["c"]
+            if self.space == "k":
+                # x0 = x - sigma * eps: the same eps on the updated latent is the same x0 moved by the update
+                shift = (x.detach() - pending["x"]).to(c.dtype)
+                c = c + shift
+                u = u + shift if u is not None else None
+            return u, c
+        return self._fused_pass(x, sigma, unconds, conds, model, step)
 
-    def _per_variant_calls(self, x_in, sigma_in, cond_in, model, B):
-        """The fused pass as one model call per variant (uncond + cond rows of that variant), for comparison."""
+    def _per_variant_calls(self, x_in, sigma_in, cond_in, model, B, parts):
+        """The fused pass as one model call per variant (that variant's uncond and cond rows), for comparison."""
         V = self.plan.n_variants
         full = self.rows.plan
         out = torch.empty_like(x_in)
         maps = None
         for v in range(V):
-            idx = list(range(v * B, (v + 1) * B)) + list(range((V + v) * B, (V + v + 1) * B))
+            idx = [r for part in range(parts) for r in range((part * V + v) * B, (part * V + v + 1) * B)]
             self.rows.plan = RowPlan.from_lists([full.rows[i] for i in idx])
+            self.call_uncond_rows = B if parts == 2 else 0
             self.capture.reset()
             ix = torch.tensor(idx, device=x_in.device)
             out[ix] = model(x_in[ix], sigma_in[ix], cond_in[ix])
             m = self.capture.maps()
             if maps is None:
-                maps = m.new_zeros((2 * V * B, *m.shape[1:]))
+                maps = m.new_zeros((parts * V * B, *m.shape[1:]))
             maps[ix] = m
         self.rows.plan = full
         return out, maps
@@ -260,67 +327,110 @@ class Composer:
         ]
         return torch.stack(losses).sum()
 
-    def _variant_maps(self, flat: torch.Tensor, batch: int) -> torch.Tensor:
-        """(V*B, h, w, T) variant-major rows -> (B, V, h, w, T)."""
+    def _variant_maps(self, flat: torch.Tensor, batch: int, with_uncond: bool) -> torch.Tensor:
+        """Captured maps of the rows ``[uncond × V] [cond × V]`` (or ``[cond × V]``), variant-major, -> (B, V, h, w, T):
+        each variant's maps averaged over its uncond and cond rows (``maps_from = "both"``, the authors' maps) or
+        its cond rows alone (``"cond"``; also whenever there are no uncond rows)."""
         V = self.plan.n_variants
+        n = V * batch
+        if with_uncond:
+            u, c = flat[:n], flat[n:]
+            flat = c if self.settings.maps_from == "cond" else (u + c) / 2
         return flat.reshape(V, batch, *flat.shape[1:]).transpose(0, 1)
 
-    def _grad_pass(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn):
+    def _rows(self, x, sigma, unconds, conds, *, with_uncond: bool):
+        """Inputs of one call over ``[uncond × V] [cond × V]`` (or the cond rows only), and its row plan."""
         V, B = conds.shape[:2]
+        parts = 2 if with_uncond else 1
+        reps = [1] * (x.dim() - 1)
+        x_in = x.repeat(parts * V, *reps)
+        sigma_in = sigma.repeat(parts * V)
+        cond_rows = conds.reshape(V * B, *conds.shape[2:])
+        if with_uncond:
+            cond_rows = torch.cat([unconds.reshape(V * B, *unconds.shape[2:]), cond_rows])
+        self.call_uncond_rows = V * B if with_uncond else 0
+        return x_in, sigma_in, cond_rows, self.plan.row_plan(B, uncond=with_uncond, cond=True)
+
+    def _grad_pass(self, x, sigma, unconds, conds, model, *, full: bool):
+        """One forward with gradient to the latent; the loss on its maps and its gradient.
+
+        The rows are the ones the maps need: uncond and cond rows (``maps_from = "both"``, with uncond rows) or cond
+        rows only; all rows when ``full`` (the prediction is wanted).  ``full`` passes run to the end with autograd
+        switched off after the last H/32 layer; the others stop there.  Returns (loss, grad, out, flat maps), the
+        last two None unless ``full``."""
+        V, B = conds.shape[:2]
+        has_uncond = unconds is not None
+        with_uncond = has_uncond and (full or self.settings.maps_from == "both")
         host = self.grad_context() if self.grad_context is not None else contextlib.nullcontext()
         with host, self._hooks(), self._gradient_mode(), torch.enable_grad():
             # clones: the host's tensors may be inference tensors, which autograd cannot save
             xg = x.detach().clone().requires_grad_(True)
-            x_in = xg.repeat(V, *([1] * (x.dim() - 1)))
-            sigma_in = sigma.detach().clone().repeat(V)
-            cond_in = conds.detach().clone().reshape(V * B, *conds.shape[2:])
-            self.rows.plan = self.plan.row_plan(B, uncond=False, cond=True)
+            x_in, sigma_in, cond_in, plan = self._rows(
+                xg, sigma.detach().clone(), unconds.detach().clone() if with_uncond else None, conds.detach().clone(),
+                with_uncond=with_uncond,
+            )
+            self.rows.plan = plan
             self.capture.reset()
-            self.capture.configure(size=self.map_size, grad=True, stop_after_last=True)
-            self.capture.run(model, x_in, sigma_in, cond_in)
-            maps = self._variant_maps(self.capture.maps(), B)
-            loss = self._loss_from_maps(maps)
+            self.capture.configure(size=self.map_size, grad=True, stop_after_last=not full, grad_until_last=full)
+            out = self.capture.run(model, x_in, sigma_in, cond_in)
+            flat = self.capture.maps()
+            loss = self._loss_from_maps(self._variant_maps(flat, B, with_uncond))
             (grad,) = torch.autograd.grad(loss, xg)
         self.capture.reset()
-        return float(loss.detach()), grad
+        self.capture.configure(grad_until_last=False)
+        if not full:
+            return float(loss.detach()), grad, None, None
+        if out is None:
+            raise RuntimeError("The UNet pass stopped before its output")
+        return float(loss.detach()), grad, out.detach(), flat.detach()
 
-    def _optimise_latent(self, x: torch.Tensor, sigma: torch.Tensor, conds: torch.Tensor, model: ModelFn, step: int):
+    def _optimise_latent(self, x, sigma, unconds, conds, model, step: int) -> None:
         iters = 1 + (self.settings.refine_iters if step in self._refine else 0)
+        keep_prediction = not self.settings.predict_after_update
         record = StepRecord(step=step, sigma=float(sigma.flatten()[0]), loss_before=float("nan"), iterations=0)
+        self._pending = None
+        self.history.append(record)
         for i in range(iters):
             if i > 0 and self.should_stop():
                 break
-            loss, grad = self._grad_pass(x, sigma, conds, model)
+            # The prediction handed on is the last pass's, so only the last pass needs to run the whole UNet.
+            full = keep_prediction and i == iters - 1
+            loss, grad, out, flat = self._grad_pass(x, sigma, unconds, conds, model, full=full)
             if i == 0:
                 record.loss_before = loss
-            new_x = latent_step(x, grad, self.settings.step_size, sigma=sigma, space=self.space)
-            x.copy_(new_x)
+            record.losses.append(loss)
+            before = x.detach().clone() if full else None
+            x.copy_(latent_step(x, grad, self.settings.step_size, sigma=sigma, space=self.space))
             record.iterations += 1
-        self.history.append(record)
+            if full:
+                u, c = self._fuse(out, flat, x, step, conds.shape[1], unconds is not None)
+                self._pending = {"step": step, "x": before, "u": u, "c": c}
 
-    def _fused_pass(self, x, sigma, uncond, conds, model, step):
-        V, B = conds.shape[:2]
-        reps = [1] * (x.dim() - 1)
-        x_in = x.detach().repeat(2 * V, *reps)
-        sigma_in = sigma.repeat(2 * V)
-        cond_in = torch.cat([uncond.repeat(V, 1, 1), conds.reshape(V * B, *conds.shape[2:])])
+    def _fused_pass(self, x, sigma, unconds, conds, model, step):
+        B = conds.shape[1]
+        has_uncond = unconds is not None
+        x_in, sigma_in, cond_in, plan = self._rows(x.detach(), sigma, unconds, conds, with_uncond=has_uncond)
         with self._hooks(), torch.no_grad():
-            self.rows.plan = self.plan.row_plan(B, uncond=True, cond=True)
+            self.rows.plan = plan
             self.capture.reset()
-            self.capture.configure(size=self.map_size, grad=False, stop_after_last=False)
+            self.capture.configure(size=self.map_size, grad=False, stop_after_last=False, grad_until_last=False)
             batched = self.batched if self.batched is not None else x.device.type != "cpu"
             if batched:
-                out = model(x_in, sigma_in, cond_in)
+                out = self.capture.run(model, x_in, sigma_in, cond_in)
                 flat_maps = self.capture.maps()
             else:
-                out, flat_maps = self._per_variant_calls(x_in, sigma_in, cond_in, model, B)
+                out, flat_maps = self._per_variant_calls(x_in, sigma_in, cond_in, model, B, 2 if has_uncond else 1)
             self.capture.reset()
-        maps = self._variant_maps(flat_maps[V * B :], B)  # cond rows
-
         if self.history and self.history[-1].step == step and self.history[-1].loss_after is None:
-            # the cond rows carry the same LoRAs as in the gradient pass, so these maps give the loss after the update
+            # this pass runs on the updated latent with the gradient passes' LoRAs: the loss after the update
+            maps = self._variant_maps(flat_maps, B, has_uncond)
             self.history[-1].loss_after = float(self._loss_from_maps(maps))
+        return self._fuse(out, flat_maps, x, step, B, has_uncond)
 
+    def _fuse(self, out, flat_maps, x, step, B, has_uncond):
+        """Masks from the maps of one pass over all rows, and the masked average of its predictions."""
+        V = self.plan.n_variants
+        maps = self._variant_maps(flat_maps, B, has_uncond)
         if self.fixed_masks is not None:
             fm = self.fixed_masks.flatten(0, 1).float()
             masks = torch.nn.functional.interpolate(fm, size=tuple(x.shape[-2:]), mode="nearest")
@@ -345,10 +455,12 @@ class Composer:
         else:
             self.mean_maps += (maps.detach() - self.mean_maps) / self._maps_seen
 
-        preds_u = out[: V * B].reshape(V, B, *out.shape[1:])
-        preds_c = out[V * B :].reshape(V, B, *out.shape[1:])
         m = masks.transpose(0, 1).to(out.dtype)  # (V, B, 1, H, W)
-        return fuse(preds_u, m), fuse(preds_c, m)
+        n = V * B
+        preds_c = out[n:] if has_uncond else out
+        fused_c = fuse(preds_c.reshape(V, B, *out.shape[1:]), m)
+        fused_u = fuse(out[:n].reshape(V, B, *out.shape[1:]), m) if has_uncond else None
+        return fused_u, fused_c
 
 
 def build_compose_plan(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .attention import AttentionCapture
+from .attention import AttentionCapture, map_size
 from .compose import Composer, StepRecord, build_compose_plan
 from .lora.files import check_family, load_lora
 from .lora.keymap import resolve
@@ -34,9 +35,12 @@ from .lora.types import LoraError, LoraFile
 from .prompts import HFPromptTokenizer, build_variants
 from .settings import CloraSettings
 
-__all__ = ["SAMPLERS", "LoadedModel", "load_model", "generate", "GenerationResult", "RunnerError"]
+__all__ = [
+    "SAMPLERS", "LoadedModel", "load_model", "generate", "GenerationResult", "RunnerError", "map_size", "ddim_timesteps",
+    "sample_ddim",
+]
 
-SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras")
+SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "ddim")
 
 
 class RunnerError(ValueError):
@@ -82,6 +86,14 @@ class LoadedModel:
         import k_diffusion as K
 
         return K.external.CompVisDenoiser(self.model)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's ε prediction at timesteps ``t`` (for DDIM)."""
+        return self.model.apply_model(x, t, cond)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.model.alphas_cumprod
 
 
 def unet_family(unet: torch.nn.Module) -> str:
@@ -142,6 +154,7 @@ class GenerationResult:
     maps: Optional[torch.Tensor] = None  # (B, V, h, w, T) mean cond-row maps over steps
     seconds: float = 0.0
     plain_loras: list = field(default_factory=list)  # (name, weight) of the LoRAs applied to every row (CLoRA off)
+    trajectory: list = field(default_factory=list)  # the sampler's latent at each step (after CLoRA's update there)
 
     def report(self) -> dict:
         return {
@@ -155,6 +168,75 @@ class GenerationResult:
                 for r in self.history
             ],
         }
+
+
+def ddim_timesteps(steps: int, train_steps: int = 1000, offset: int = 1) -> list[int]:
+    """DDIM's timesteps, high to low: ``{0, r, 2r, ...} + offset`` with ``r = train_steps // steps`` (the "leading"
+    spacing with ``steps_offset = 1`` of SD's scheduler configuration; A1111's DDIM uses the same grid)."""
+    if not 1 <= steps <= train_steps:
+        raise RunnerError(f"DDIM needs between 1 and {train_steps} steps, got {steps}.")
+    r = train_steps // steps
+    return [i * r + offset for i in range(steps)][::-1]
+
+
+def sample_ddim(eps_fn: Callable, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, disable: bool = True,
+                callback: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) in the latent's own space (z_t, unit variance at the start).
+
+    ``eps_fn(x, t)`` returns the guided ε at timestep ``t`` (a (B,) long tensor) and may update ``x`` in place before
+    predicting (the latent update); the step is taken from that (updated) ``x``:
+    ``x_prev = √ᾱ_prev · (x − √(1−ᾱ_t) ε) / √ᾱ_t + √(1−ᾱ_prev) · ε``, with ᾱ_prev = ᾱ_0 past the last step
+    (SD's ``set_alpha_to_one = False``)."""
+    ts = ddim_timesteps(steps, train_steps=len(alphas_cumprod))
+    r = len(alphas_cumprod) // steps
+    ac = alphas_cumprod.to(torch.float64)
+    for i, t in enumerate(ts):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps = eps_fn(x, tt)
+        a_t = float(ac[t])
+        a_prev = float(ac[t - r]) if t - r >= 0 else float(ac[0])
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        if callback is not None:  # as k-diffusion's samplers: the latent of this step (after any update), and x0
+            callback({"i": i, "x": x, "denoised": x0})
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        if not disable:
+            print(f"ddim {i + 1}/{steps}", end="\r")
+    return x
+
+
+class _SkipCat:
+    """Stands in for the ``torch`` module inside ldm's UNet: its ``cat`` of an up-path tensor with a skip connection
+    resizes the up-path tensor (nearest) to the skip's size first.  For latents whose sides are not multiples of the
+    UNet's total downscale (8 for SD: images in steps of 8 px but not of 64), the up-sampled tensor is one pixel
+    larger than the skip it joins; the WebUI resizes it the same way."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def cat(self, tensors, *args, **kwargs):
+        if len(tensors) == 2 and tensors[0].dim() == 4 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            tensors = (torch.nn.functional.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"), tensors[1])
+        return self._module.cat(tensors, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _any_latent_size(unet: torch.nn.Module, latent_hw: Sequence[int]):
+    """ldm's UNet module sees `_SkipCat` for ``torch`` inside the block when the latent needs it; restored on exit."""
+    mod = sys.modules.get(type(unet).__module__)
+    levels = sum(1 for m in unet.modules() if type(m).__name__ == "Downsample")
+    need = any(int(n) % (2**levels) for n in latent_hw)
+    if not need or mod is None or not hasattr(mod, "th"):
+        yield
+        return
+    saved = mod.th
+    mod.th = _SkipCat(saved)
+    try:
+        yield
+    finally:
+        mod.th = saved
 
 
 def _sigmas(denoiser, sampler: str, steps: int) -> torch.Tensor:
@@ -176,6 +258,8 @@ def _sample_fn(sampler: str) -> Callable:
         "dpmpp_2m_karras": K.sampling.sample_dpmpp_2m,
         "dpmpp_sde_karras": K.sampling.sample_dpmpp_sde,
     }
+    if sampler == "ddim":
+        return sample_ddim
     if sampler not in table:
         raise RunnerError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     return table[sampler]
@@ -306,22 +390,49 @@ def generate(
             "(settings.styles, --style NAME:WEIGHT)."
         )
     sample = _sample_fn(sampler)
+    ddim = sampler == "ddim"
     f = lm.latent_factor
-    if width % (f * lm.map_downscale) or height % (f * lm.map_downscale):
-        raise RunnerError(f"Width and height must be multiples of {f * lm.map_downscale}; got {width}x{height}.")
+    if width % f or height % f or width <= 0 or height <= 0:
+        raise RunnerError(f"Width and height must be positive multiples of {f}; got {width}x{height}.")
     tokenizer = lm.tokenizer()
     _check_length(lm, "The negative prompt", tokenizer.chunks(negative))
     if not active:
         _check_length(lm, "The prompt", tokenizer.chunks(prompt))
     ordered = _pick(_resolve_loras(lm, loras), [n for n, _ in plain]) if plain else []
 
-    denoiser = lm.denoiser()
-    sigmas = _sigmas(denoiser, sampler, steps)
     shape = (batch_size, lm.latent_channels, height // f, width // f)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen) * sigmas[0]
+    trajectory: list[torch.Tensor] = []
+
+    def record(info: dict) -> None:
+        trajectory.append(info["x"].detach().clone())
+
     dev = next(lm.unet.parameters()).device
-    x = x.to(dev)
+    # latents in float32 (float64 for a float64 model), whatever precision the UNet computes in
+    dtype = torch.float64 if next(lm.unet.parameters()).dtype == torch.float64 else torch.float32
+    if ddim:
+        # DDIM samples z_t itself: unit variance at the start, ε-space latent updates, timesteps as "sigma"
+        x = torch.randn(shape, generator=gen).to(dev, dtype)
+        timesteps = ddim_timesteps(steps, train_steps=len(lm.alphas_cumprod))
+        step_of = {t: i for i, t in enumerate(timesteps)}
+        index = lambda t_: step_of[int(t_.flatten()[0])]  # noqa: E731
+
+        def raw_model(x_rows, t_rows, cond_rows):
+            return lm.eps(x_rows, t_rows, cond_rows)
+
+        def run_sampler(guided):
+            return sample(guided, x, lm.alphas_cumprod, steps, disable=not progress, callback=record)
+    else:
+        denoiser = lm.denoiser()
+        sigmas = _sigmas(denoiser, sampler, steps)
+        x = (torch.randn(shape, generator=gen) * sigmas[0]).to(dev, dtype)
+        index = _StepIndex(sigmas)
+
+        def raw_model(x_rows, sigma_rows, cond_rows):
+            return denoiser(x_rows, sigma_rows, cond=cond_rows)
+
+        def run_sampler(guided):
+            return sample(guided, x, sigmas, disable=not progress, callback=record)
 
     if not active:
         # Plain LoRAs act on every row: the text encoder's (cond and uncond prompts) and the UNet's.
@@ -332,22 +443,18 @@ def generate(
             cond = lm.encode([prompt] * batch_size)
 
         def cfg_denoise(x_, sigma_, **_):
-            x_in = torch.cat([x_] * 2)
-            s_in = torch.cat([sigma_] * 2)
-            out = denoiser(x_in, s_in, cond=torch.cat([uncond, cond]))
+            out = raw_model(torch.cat([x_] * 2), torch.cat([sigma_] * 2), torch.cat([uncond, cond]))
             u, c = out.chunk(2)
             return u + (c - u) * cfg_scale
 
         torch.manual_seed(seed)
-        with _rows_on_every_row(unet_targets, every, 2 * batch_size), torch.no_grad():
-            latent = sample(cfg_denoise, x, sigmas, disable=not progress)
+        with _rows_on_every_row(unet_targets, every, 2 * batch_size), _any_latent_size(lm.unet, shape[-2:]), torch.no_grad():
+            latent = run_sampler(cfg_denoise)
         images = _to_images(lm, latent)
         return GenerationResult(images=images, latent=latent, settings=settings, prompts=[prompt],
-                                seconds=time.perf_counter() - t0, plain_loras=plain)
+                                seconds=time.perf_counter() - t0, plain_loras=plain, trajectory=trajectory)
 
     # --- CLoRA ---------------------------------------------------------------------------------------
-    with torch.no_grad():
-        uncond = lm.encode([negative] * batch_size)
     names = [b.lora for b in settings.bindings] + [s.lora for s in settings.styles]
     ordered = _pick(_resolve_loras(lm, loras), names)
     variants = build_variants(prompt, settings.bindings, tokenizer)
@@ -357,43 +464,41 @@ def generate(
     plan = build_compose_plan(variants.groups, variants.mask_tokens, settings)
     unet_targets, text_targets = _targets(lm, ordered)
 
-    # Each variant's prompt is encoded with its own LoRAs' text-encoder parts, all variants in one call.
-    te_rows = []
-    for v in range(plan.n_variants):
-        row = []
-        for idx, w in plan.cond_loras[v]:
-            b = settings.bindings[idx] if idx < len(settings.bindings) else None
-            te_w = b.te_weight if (b is not None and b.te_weight is not None) else w
-            row.append((idx, te_w))
-        te_rows.append(row)
+    # Each variant's prompt (and, with negative_te_lora, its negative prompt) is encoded with that variant's own
+    # LoRAs' text-encoder parts, all in one call; without them the negative prompt is encoded once and shared.
+    V = plan.n_variants
+    cond_te, uncond_te = plan.text_encoder_loras(settings)
+    per_variant_negative = any(uncond_te)
+    texts = list(variants.prompts) + ([negative] * V if per_variant_negative else [])
     with LoraRows(text_targets) as te, torch.no_grad():
-        te.plan = RowPlan.from_lists(te_rows)
-        enc = lm.encode(variants.prompts)  # (V, T, D)
-    conds = enc.unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
-
-    h, w = shape[-2] // lm.map_downscale, shape[-1] // lm.map_downscale
-    index = _StepIndex(sigmas)
-
-    def model_fn(x_rows, sigma_rows, cond_rows):
-        return denoiser(x_rows, sigma_rows, cond=cond_rows)
+        te.plan = RowPlan.from_lists(cond_te + (uncond_te if per_variant_negative else []))
+        enc = lm.encode(texts)  # (V or 2V, T, D)
+    if per_variant_negative:
+        unconds = enc[V:].unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
+    else:
+        with torch.no_grad():
+            unconds = lm.encode([negative] * batch_size)
+    conds = enc[:V].unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
 
     # The Composer enters the LoRA row hooks and the attention capture around each of its own model calls.
     composer = Composer(
         settings=settings, plan=plan, rows=LoraRows(unet_targets), capture=AttentionCapture(lm.unet), unet=lm.unet,
-        map_size=(h, w), total_steps=steps, space="k", should_stop=should_stop, batched=batched,
+        map_size=map_size(shape[-2:], lm.map_downscale), total_steps=steps, space="eps" if ddim else "k",
+        should_stop=should_stop, batched=batched,
     )
 
     def clora_denoise(x_, sigma_, **_):
-        u, c = composer(x_, sigma_, uncond, conds, model_fn, index(sigma_))
+        u, c = composer(x_, sigma_, unconds, conds, raw_model, index(sigma_))
         return u + (c - u) * cfg_scale
 
     torch.manual_seed(seed)
-    with torch.no_grad():
-        latent = sample(clora_denoise, x, sigmas, disable=not progress)
+    with _any_latent_size(lm.unet, shape[-2:]), torch.no_grad():
+        latent = run_sampler(clora_denoise)
     images = _to_images(lm, latent)
     return GenerationResult(
         images=images, latent=latent, settings=settings, history=list(composer.history), prompts=variants.prompts,
         masks=composer.last_masks, maps=composer.mean_maps, step_ious=list(composer.step_ious), seconds=time.perf_counter() - t0,
+        trajectory=trajectory,
     )
 
 

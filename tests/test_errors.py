@@ -60,7 +60,7 @@ def _bad_inputs() -> dict[str, Exception]:
         "lora: pickle file": _raised(lambda: __import__("clora.lora.files", fromlist=["x"]).load_lora("x.ckpt")),
         "lora: missing file": _raised(
             lambda: __import__("clora.lora.files", fromlist=["x"]).load_lora("/nonexistent/x.safetensors")),
-        "runner: unknown sampler": _raised(lambda: _sample_fn("ddim")),
+        "runner: unknown sampler": _raised(lambda: _sample_fn("plms")),
         "host: CloraError": CloraError("Only SD 1.x models are supported for now; the loaded model is SDXL."),
         "host: CloraError of a CloraError": CloraError(CloraError("AND-composed prompts are not supported.")),
         "host: already prefixed": ValueError("CLoRA: something wrong"),
@@ -205,12 +205,12 @@ def test_cli_reports_each_kind_of_bad_input_with_one_prefix(tmp_path, capsys):
                                f"CLoRA: Checkpoint {tmp_path / 'x.safetensors'} does not exist."),
         "pickle checkpoint": ([*base[:2], str(pt), *base[3:]], "CLoRA: Checkpoint model.ckpt: only .safetensors"),
         "bad --bind": (base + ["--bind", "cat"], "CLoRA: Argument --bind: --bind 'cat': expected LORA=SUBJECT"),
-        "bad --sampler": (base + ["--sampler", "ddim"], "CLoRA: Argument --sampler: invalid choice: 'ddim'"),
+        "bad --sampler": (base + ["--sampler", "plms"], "CLoRA: Argument --sampler: invalid choice: 'plms'"),
         "missing --prompt": (["generate", "--ckpt", ckpt], "CLoRA: The following arguments are required: --prompt"),
         "LoRA file missing": (base + ["--lora", str(tmp_path / "cat.safetensors"), "--bind", "cat=cat"],
                               f"CLoRA: LoRA file {tmp_path / 'cat.safetensors'} does not exist."),
         "bound LoRA not given": (base + ["--bind", "cat=cat"], "CLoRA: LoRA 'cat' not found (given: none)."),
-        "bad size": (base + ["--width", "50"], "CLoRA: Width and height must be multiples of 32; got 50x64."),
+        "bad size": (base + ["--width", "50"], "CLoRA: Width and height must be positive multiples of 8; got 50x64."),
         "prompt too long": (base[:4] + ["cat " * 80] + base[5:], "CLoRA: The prompt is 82 tokens; this model's text "
                                                                  "encoder takes at most 77 ("),
     }

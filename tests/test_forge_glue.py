@@ -145,7 +145,7 @@ class FakeComposer:
     def __init__(self):
         self.updated = []
 
-    def update(self, x, sigma, conds, model, step):
+    def update(self, x, sigma, uncond, conds, model, step):
         if step != 0 or step in self.updated:
             return False
         self.updated.append(step)

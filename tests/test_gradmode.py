@@ -1,6 +1,7 @@
 """Gradient passes of the engine inside torch.inference_mode() (how Forge samples), with inference-tensor weights."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clora.attention import AttentionCapture
@@ -50,14 +51,18 @@ def test_gradient_through_inference_weights_and_inplace_residual_matches_referen
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_composer_updates_latent_inside_inference_mode():
-    """The Composer's latent update works when everything (weights, latent, conds) was made in inference mode."""
+@pytest.mark.parametrize("after", [False, True], ids=["authors-order", "predict-after-update"])
+def test_composer_updates_latent_inside_inference_mode(after):
+    """The Composer's latent update works when everything (weights, latent, conds) was made in inference mode, in
+    the authors' order (one full pass with gradient that also gives the prediction) and with the prediction
+    recomputed after the update (where the loss after the update is measured and must have fallen)."""
     unet = make_tiny_unet(0)
     with torch.inference_mode():
         unet_inf = make_tiny_unet(0)
     assert all(p_.is_inference() for p_ in unet_inf.parameters())
     assert not any(p_.is_inference() for p_ in unet.parameters())
-    settings = CloraSettings(enabled=True, bindings=(Binding("a", ("cat",)), Binding("b", ("dog",))), refine_iters=0)
+    settings = CloraSettings(enabled=True, bindings=(Binding("a", ("cat",)), Binding("b", ("dog",))), refine_iters=0,
+                             predict_after_update=after)
     plan = ComposePlan(groups=[[[2], [2], [2]], [[5], [5], [5]]], mask_tokens=[[], [2], [5]],
                        cond_loras=[[], [], []], uncond_loras=[[], [], []])
 
@@ -83,8 +88,13 @@ def test_composer_updates_latent_inside_inference_mode():
                 out = comp(x, sigma, uncond, conds, model_fn, 0)
         return x, out, comp.history[0]
 
+    x_ref0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     x_ref, out_ref, rec_ref = run(unet, False)
     x_inf, out_inf, rec_inf = run(unet_inf, True)
-    assert rec_inf.loss_after < rec_inf.loss_before
+    if after:
+        assert rec_inf.loss_after < rec_inf.loss_before
+    else:
+        assert rec_inf.loss_after is None and rec_inf.losses == [rec_inf.loss_before]
+    assert not torch.equal(x_ref, x_ref0)  # the update moved the latent
     torch.testing.assert_close(x_inf, x_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_inf[1], out_ref[1], rtol=1e-5, atol=1e-5)

@@ -134,8 +134,12 @@ def test_loss_falls_and_concept_masks_separate(lm, loras):
             ious[alpha].extend(iou for step, iou in res.step_ious if step < 5)
             if alpha:
                 assert len(res.history) == 5
-                drops.extend(r.loss_before - r.loss_after for r in res.history)
-                assert res.history[0].loss_after < res.history[0].loss_before
+                # the authors' order: each refinement iteration's pass sees the previous update
+                refined = [r for r in res.history if r.iterations > 1]
+                assert refined and all(len(r.losses) == r.iterations for r in res.history)
+                drops.extend(r.losses[0] - r.losses[-1] for r in refined)
+                assert res.history[0].losses[-1] < res.history[0].losses[0]
+                assert all(r.loss_after is None for r in res.history)  # no pass runs on the final latent
     assert sum(drops) / len(drops) > 0
     assert sum(ious[20.0]) < sum(ious[0.0]), ious
 
@@ -230,8 +234,8 @@ def test_gradient_pass_with_checkpointing_and_trainable_params(lm, loras):
             setattr(m, a, True)
         for p in params[::2]:
             p.requires_grad_(True)
-        res = generate(lm, "a photo of a cat and a dog", _settings(2, refine_iters=0), loras=[loras["cat"], loras["dog"]],
-                       steps=4, seed=6, width=SIZE, height=SIZE, progress=False)
+        res = generate(lm, "a photo of a cat and a dog", _settings(2, refine_iters=0, predict_after_update=True),
+                       loras=[loras["cat"], loras["dog"]], steps=4, seed=6, width=SIZE, height=SIZE, progress=False)
         assert res.history[0].loss_after < res.history[0].loss_before
         assert all(getattr(m, a) is True for m, a in flags)
         assert [p.requires_grad for p in params] == [i % 2 == 0 for i in range(len(params))]

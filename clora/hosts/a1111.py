@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import AttentionCapture
+from ..attention import AttentionCapture, map_size
 from ..compose import Composer, build_compose_plan
 from ..lora.files import check_family, load_lora
 from ..lora.keymap import resolve
@@ -233,31 +233,50 @@ class A1111Run:
 
     # ---------------------------------------------------------------------------------------------- encode
     def encode_variants(self, steps: int) -> None:
-        """Each variant's prompt through the text encoder with only its own LoRAs' text-encoder parts."""
+        """Each variant's prompt through the text encoder with only its own LoRAs' text-encoder parts; with
+        ``negative_te_lora``, each variant's negative prompt too, with the LoRAs of its uncond rows (variants without
+        any use the host's own negative conditioning, which is the same computation)."""
         from modules import prompt_parser
 
         B = len(self.p.prompts)
-        self.variant_schedules = []
-        for v, prompt in enumerate(self.variants.prompts):
-            te_loras = []
-            for idx, w in self.plan.cond_loras[v]:
-                b = self.settings.bindings[idx] if idx < len(self.settings.bindings) else None
-                te_loras.append((idx, b.te_weight if b is not None and b.te_weight is not None else w))
-            # One call encodes the prompt's schedule (prompt editing gives several texts): one row per text.
-            n_texts = len(prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0])
-            with LoraRows(self.text_targets) as te:
-                te.plan = RowPlan.from_lists([te_loras] * n_texts)
-                schedule = prompt_parser.get_learned_conditioning(self.p.sd_model, [prompt], steps)
-            self.variant_schedules.append(schedule * B)
+        cond_te, uncond_te = self.plan.text_encoder_loras(self.settings)
+        self.variant_schedules = [self._encode(prompt, cond_te[v], steps) * B for v, prompt in enumerate(self.variants.prompts)]
+        negatives = list(getattr(self.p, "negative_prompts", None) or [self.p.negative_prompt] * B)
+        self.negative_schedules: list[Optional[list]] = []
+        for loras in uncond_te:
+            if not loras:
+                self.negative_schedules.append(None)
+                continue
+            by_text = {text: self._encode(text, loras, steps)[0] for text in dict.fromkeys(negatives)}
+            self.negative_schedules.append([by_text[t] for t in negatives])
 
-    def variant_conds(self, step: int, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V, B, T, D) variant conditionings at ``step`` and the uncond padded to the same T."""
+    def _encode(self, prompt: str, te_loras: list, steps: int) -> list:
+        """The host's conditioning schedule of ``prompt`` with ``te_loras`` on every text-encoder row."""
         from modules import prompt_parser
 
+        # One call encodes the prompt's schedule (prompt editing gives several texts): one row per text.
+        n_texts = len(prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0])
+        with LoraRows(self.text_targets) as te:
+            te.plan = RowPlan.from_lists([te_loras] * n_texts)
+            return prompt_parser.get_learned_conditioning(self.p.sd_model, [prompt], steps)
+
+    def variant_conds(self, step: int, uncond: Optional[torch.Tensor], own_negatives: bool = True):
+        """(V, B, T, D) variant conditionings at ``step`` and the (V, B, T, D) negative ones, padded to one T.
+
+        ``uncond`` is the host's negative conditioning (None when the host runs no uncond rows, CFG scale 1); it
+        stands for every variant whose negative prompt is not encoded with LoRAs (or all, ``own_negatives=False``)."""
+        from modules import prompt_parser
+
+        V = len(self.variant_schedules)
         conds = [prompt_parser.reconstruct_cond_batch(c, step) for c in self.variant_schedules]
+        unconds = []
+        if uncond is not None:
+            for sched in self.negative_schedules if own_negatives else [None] * V:
+                unconds.append(uncond if sched is None else prompt_parser.reconstruct_cond_batch(sched, step))
+        device = conds[0].device if uncond is None else uncond.device
         empty = getattr(self.p.sd_model, "cond_stage_model_empty_prompt", None)
-        padded = pad_tokens(conds + [uncond], empty)
-        return torch.stack(padded[:-1]), padded[-1]
+        padded = pad_tokens([c.to(device) for c in conds + unconds], empty)
+        return torch.stack(padded[:V]), (torch.stack(padded[V:]) if unconds else None)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def sample(self, original_sample: Callable, *args, **kwargs):
@@ -304,8 +323,10 @@ class A1111Run:
         uncond_t = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
         if isinstance(uncond_t, dict):
             raise CloraError("Only SD 1.x conditioning is supported.")
-        conds, uncond_t = self.variant_conds(denoiser.step, uncond_t)
-        conds = conds.to(x.device)
+        # a hires pass with its own negative prompt: that one (the host's) for every variant
+        own = not hires or getattr(p, "hr_negative_prompt", "") in ("", p.negative_prompt)
+        conds, uncond_t = self.variant_conds(denoiser.step, uncond_t, own_negatives=own)
+        conds, uncond_t = conds.to(x.device), uncond_t.to(x.device)
         real = denoiser.inner_model
         B = x.shape[0]
 
@@ -318,7 +339,7 @@ class A1111Run:
             self.composer = self._make_composer(x, steps, denoiser, hires)
         composer = self.composer
         if not hires:
-            composer.update(x, sigma, conds, model_fn, step)
+            composer.update(x, sigma, uncond_t, conds, model_fn, step)
 
         interceptor = _Interceptor(real, composer, x, sigma, uncond_t, conds, model_fn, step, B)
         # model_wrap is a registered child module of the denoiser: swap the entry itself (nn.Module.__setattr__
@@ -332,7 +353,7 @@ class A1111Run:
             slots["model_wrap"] = saved
 
     def _map_size(self, x: torch.Tensor) -> tuple[int, int]:
-        return (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
+        return map_size(x.shape[-2:], 4)
 
     def _make_composer(self, x, steps, denoiser, hires: bool) -> Composer:
         from modules import sd_samplers_cfg_denoiser as cfgmod

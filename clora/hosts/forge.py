@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..attention import map_size
 from ..compose import Composer
 from ..gradmode import inference_safe_gradients
 from ..settings import CloraSettings
@@ -135,7 +136,8 @@ class ForgeRun(A1111Run):
             return
         steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
         self.encode_variants(steps)
-        self.pass_state = {"hires": hires, "steps": steps, "step_key": None, "fused": None}
+        own_uncond = not hires or getattr(p, "hr_negative_prompt", "") in ("", p.negative_prompt)
+        self.pass_state = {"hires": hires, "steps": steps, "step_key": None, "fused": None, "own_uncond": own_uncond}
         unet = p.sd_model.forge_objects.unet.clone()
         unet.add_conditioning_modifier(_Shared(self._conditioning_modifier))
         unet.set_model_unet_function_wrapper(_Shared(self._unet_wrapper))
@@ -154,7 +156,7 @@ class ForgeRun(A1111Run):
 
     def _composer_for(self, x: torch.Tensor) -> Composer:
         hires = self.pass_state["hires"]
-        size = (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
+        size = map_size(x.shape[-2:], 4)
         if self.composer is not None and (not hires or self.composer.map_size == size):
             return self.composer
         unet = self.unet
@@ -185,8 +187,8 @@ class ForgeRun(A1111Run):
         if not self.pass_state["hires"]:
             latent = self._sampler_latent(x)
             before = x.clone() if latent is not None else None
-            fn = self._model_fn(model, c_concat, timestep, x.shape[0], True)
-            if composer.update(x, timestep, conds, fn, step) and latent is not None:
+            fn = self._model_fn(model, c_concat, timestep, x.shape[0], composer)
+            if composer.update(x, timestep, uncond_t, conds, fn, step) and latent is not None:
                 self._carry_update(latent, x, before, timestep)
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
@@ -254,25 +256,19 @@ class ForgeRun(A1111Run):
         latent.copy_(new)
 
     def _conds(self, calls: int, uncond: Optional[torch.Tensor], x: torch.Tensor):
-        from modules import prompt_parser
+        """(V, B, T, D) variant conditionings and negative ones (None at CFG scale 1, where Forge runs no uncond
+        rows: then neither does CLoRA)."""
+        conds, unconds = self.variant_conds(calls, uncond, own_negatives=self.pass_state.get("own_uncond", True))
+        return conds.to(x.device), (unconds.to(x.device) if unconds is not None else None)
 
-        conds = [prompt_parser.reconstruct_cond_batch(c, calls) for c in self.variant_schedules]
-        if uncond is None:  # CFG scale 1: Forge drops the uncond; fuse against an empty-prompt encoding
-            uncond = torch.zeros_like(conds[0])
-        empty = getattr(self.p.sd_model, "cond_stage_model_empty_prompt", None)
-        padded = pad_tokens([c.to(x.device) for c in conds] + [uncond.to(x.device)], empty)
-        return torch.stack(padded[:-1]), padded[-1]
-
-    def _model_fn(self, model, c_concat, sigma, batch: int, cond_only: bool):
-        V = self.plan.n_variants
+    def _model_fn(self, model, c_concat, sigma, batch: int, composer: Composer):
         base = self.pass_state.get("options", {})
 
         def fn(x_rows, sigma_rows, cond_rows):
             n = x_rows.shape[0]
-            if cond_only:
-                chunks = [_COND] * (n // batch)
-            else:
-                chunks = [_UNCOND] * V + [_COND] * V
+            # the Composer's calls put the negative-prompt rows first (it says how many)
+            n_uncond = composer.call_uncond_rows
+            chunks = [_UNCOND] * (n_uncond // batch) + [_COND] * ((n - n_uncond) // batch)
             kw = {"c_crossattn": cond_rows, "transformer_options": _transformer_options(base, chunks, sigma)}
             if c_concat is not None:
                 idx = torch.arange(n, device=c_concat.device) % batch
@@ -291,7 +287,7 @@ class ForgeRun(A1111Run):
         if st["fused"] is None:
             _, step = self._step()
             composer = self._composer_for(st["x"])
-            fn = self._model_fn(st["model"], st["c_concat"], st["sigma"], B, False)
+            fn = self._model_fn(st["model"], st["c_concat"], st["sigma"], B, composer)
             u, c = composer.predict(st["x"], st["sigma"], st["uncond"], st["conds"], fn, step)
             st["fused"] = {_COND: c, _UNCOND: u}
         out = torch.cat([st["fused"][k] for k in chunks]).to(x_in.dtype)
