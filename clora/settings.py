@@ -5,17 +5,21 @@ Three forms of the same settings, all lossless:
 * the dataclasses below (what the engine reads);
 * a *flat* dict with human-readable keys for A1111/Forge infotext (``to_flat`` / ``from_flat``), e.g.::
 
-      CLoRA: True, CLoRA 1 LoRA: cat_v1, CLoRA 1 subject: cat, CLoRA 1 trigger: sks, CLoRA 1 weight: 0.9,
-      CLoRA style 1 LoRA: ink, CLoRA style 1 weight: 0.8, CLoRA style 1 mode: whole, CLoRA refine at: "0,0.1,0.2"
+      CLoRA: True, CLoRA version: 2, CLoRA 1 LoRA: cat_v1, CLoRA 1 subject: cat, CLoRA 1 trigger: sks,
+      CLoRA 1 weight: 0.9, CLoRA style 1 LoRA: ink, CLoRA style 1 weight: 0.8, CLoRA style 1 mode: whole,
+      CLoRA refine at: "0,0.1,0.2"
 
   Options at their default value are left out; the enable flag and every binding's LoRA, subject and weight are always
-  written (trigger and text-encoder weight only when set).  Several subjects of one binding are joined with ``|``
-  (``cat|kitten``): a comma would be taken by infotext as the end of the value.  Numbers are written as A1111 writes
-  them, ``1`` for a whole number (an ``int`` in the dict) and Python's shortest exact form otherwise (``0.8``), so
-  they read back bit for bit; infotexts written as ``1.0`` (older versions) read the same.  ``from_flat`` accepts every value as a string as well (the
-  infotext text round trip turns everything into strings, possibly JSON-quoted).  Two quirks of A1111's infotext
-  parser are not worked around: a value shaped like ``512x512`` is split into two keys, and a value that starts and
-  ends with ``"`` loses its quotes;
+  written (trigger and text-encoder weight only when set), and so is ``CLoRA version: 2``, the format version (left
+  out only of the bare ``CLoRA: False`` of default settings).  An infotext without ``CLoRA version`` was written
+  before the version existed (version 1), when the options of `LEGACY_OPTIONS` did not exist: their keys, missing
+  there, mean the old behaviour (the values in `LEGACY_OPTIONS`) instead of today's defaults.  Several subjects of
+  one binding are joined with ``|`` (``cat|kitten``): a comma would be taken by infotext as the end of the value.
+  Numbers are written as A1111 writes them, ``1`` for a whole number (an ``int`` in the dict) and Python's shortest
+  exact form otherwise (``0.8``), so they read back bit for bit; infotexts written as ``1.0`` (older versions) read
+  the same.  ``from_flat`` accepts every value as a string as well (the infotext text round trip turns everything
+  into strings, possibly JSON-quoted).  Two quirks of A1111's infotext parser are not worked around: a value shaped
+  like ``512x512`` is split into two keys, and a value that starts and ends with ``"`` loses its quotes;
 * a *named-field* JSON dict for the API (``to_json`` / ``from_json``, schema in ``json_schema()``).
 
 Fractions of the step count (``opt_end``, ``refine_at``, ``mask_start``) become step indices through
@@ -48,6 +52,9 @@ __all__ = [
     "MORPHOLOGIES",
     "STYLE_MODES",
     "SUBJECT_SEPARATOR",
+    "MAPS_FROM",
+    "FLAT_VERSION",
+    "LEGACY_OPTIONS",
     "json_schema",
 ]
 
@@ -61,6 +68,13 @@ REFINE_ITERS_MAX = 100
 MORPHOLOGIES = ("none", "open", "close", "dilate", "erode")
 STYLE_MODES = ("whole", "subjects")
 SUBJECT_SEPARATOR = "|"
+#: Values of ``maps_from``: the mean over the negative-prompt and prompt rows (``both``), or the prompt rows only.
+MAPS_FROM = ("both", "cond")
+#: Version of the flat (infotext) form that `CloraSettings.to_flat` writes as ``CLoRA version``.
+FLAT_VERSION = 2
+#: The options added with flat version 2, and the values that give the behaviour from before them: what an infotext
+#: without ``CLoRA version`` (and an old 67-value positional argument list) means for them.
+LEGACY_OPTIONS: dict[str, Any] = {"maps_from": "cond", "predict_after_update": True, "negative_te_lora": False}
 
 #: Characters that would be read as A1111 emphasis syntax (or as the subject separator) once put into a prompt.
 _FORBIDDEN_IN_SUBJECT = "()[]\\|"
@@ -273,6 +287,15 @@ class CloraSettings:
     mask_start: fraction of the steps before the masked fusion starts (the authors' ``apply_mask_after`` / steps).
     lora_on_uncond: the binding LoRAs also run on the unconditional rows (the authors' behaviour).
     show_previews: produce attention/mask preview images.
+    maps_from: which rows of each variant give the attention maps of the loss and the masks: ``"both"`` the mean
+        over its negative-prompt (uncond) and prompt (cond) rows, as the authors compute; ``"cond"`` the prompt rows.
+    predict_after_update: at a step with a latent update, False fuses the prediction of the forward pass before the
+        (last) update, applied to the updated latent (the authors' way; that pass also gave the maps); True runs one
+        more forward pass on the updated latent.
+    negative_te_lora: True encodes the negative prompt once per variant with the text-encoder LoRAs of that
+        variant's negative-prompt rows (its LoRA when ``lora_on_uncond`` is on, and the style LoRAs), as the authors
+        do; False encodes it once without any LoRA for all variants.
+    `LEGACY_OPTIONS` holds the values of the last three that give the behaviour from before they existed.
     """
 
     enabled: bool = False
@@ -288,6 +311,9 @@ class CloraSettings:
     mask_start: float = 0.0
     lora_on_uncond: bool = True
     show_previews: bool = False
+    maps_from: str = "both"
+    predict_after_update: bool = False
+    negative_te_lora: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bindings", tuple(self.bindings))
@@ -298,13 +324,14 @@ class CloraSettings:
         for name in ("step_size", "opt_end", "temperature", "mask_threshold", "mask_start"):
             object.__setattr__(self, name, _as_number(getattr(self, name)))
         object.__setattr__(self, "mask_morphology", _clean_text(self.mask_morphology))
+        object.__setattr__(self, "maps_from", _clean_text(self.maps_from))
 
     # ----- validation ---------------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
         """Every problem, one sentence each, naming the field or the binding; empty when the settings are valid."""
         out: list[str] = []
-        for name in ("enabled", "lora_on_uncond", "show_previews"):
+        for name in ("enabled", "lora_on_uncond", "show_previews", "predict_after_update", "negative_te_lora"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"Setting {name} must be true or false, got {getattr(self, name)!r}.")
         if len(self.bindings) > MAX_BINDINGS:
@@ -359,6 +386,8 @@ class CloraSettings:
             out.append(f"Setting refine_iters must be a whole number in 0..{REFINE_ITERS_MAX}, got {it!r}.")
         if self.mask_morphology not in MORPHOLOGIES:
             out.append(f"Setting mask_morphology {self.mask_morphology!r} is not one of {', '.join(MORPHOLOGIES)}.")
+        if self.maps_from not in MAPS_FROM:
+            out.append(f"Setting maps_from {self.maps_from!r} is not one of {', '.join(MAPS_FROM)}.")
         return out
 
     def validate(self) -> "CloraSettings":
@@ -388,8 +417,9 @@ class CloraSettings:
     # ----- flat form (infotext) -------------------------------------------------------------------------
 
     def to_flat(self) -> dict[str, FlatValue]:
-        """Infotext form: ``{"CLoRA": True, "CLoRA 1 LoRA": "cat_v1", ...}`` (see the module docstring)."""
-        out: dict[str, FlatValue] = {_PREFIX: self.enabled}
+        """Infotext form: ``{"CLoRA": True, "CLoRA version": 2, "CLoRA 1 LoRA": "cat_v1", ...}`` (see the module
+        docstring)."""
+        out: dict[str, FlatValue] = {_PREFIX: self.enabled, _VERSION_KEY: FLAT_VERSION}
         for i, b in enumerate(self.bindings, start=1):
             out[f"{_PREFIX} {i} LoRA"] = b.lora
             out[f"{_PREFIX} {i} subject"] = SUBJECT_SEPARATOR.join(b.subjects)
@@ -413,13 +443,23 @@ class CloraSettings:
                 out[key] = ",".join(_fmt_float(x) for x in value) if value else "none"
             else:
                 out[key] = _flat_number(value)
+        if self.enabled is False and len(out) == 2:
+            del out[_VERSION_KEY]  # the bare "CLoRA: False" of default settings reads as default settings
         return out
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], *, strict: bool = True) -> "CloraSettings":
         """Settings from the flat form; keys not starting with ``CLoRA`` are ignored (a whole infotext dict may be
-        passed).  Unknown ``CLoRA ...`` keys raise `SettingsError` unless ``strict`` is False.  Validated."""
+        passed).  Unknown ``CLoRA ...`` keys raise `SettingsError` unless ``strict`` is False.  Validated.
+
+        ``CLoRA version``: without it, a flat form holding any CLoRA key but a bare ``CLoRA: False`` is version 1
+        (written before the key existed), whose missing keys of `LEGACY_OPTIONS` take those old values; with it (or
+        without any CLoRA key) missing keys take the defaults.  A version above `FLAT_VERSION` reads as the current
+        one (its unknown keys are what ``strict`` is about); a version that is not a whole number >= 1 is an error,
+        or, unless ``strict``, read as the current one."""
         enabled: Any = False
+        version: Optional[int] = None
+        other_keys = False
         binding_fields: dict[int, dict[str, Any]] = {}
         style_fields: dict[int, dict[str, Any]] = {}
         options: dict[str, Any] = {}
@@ -430,6 +470,10 @@ class CloraSettings:
             value = _unquote(raw)
             if key == _PREFIX:
                 enabled = _parse_bool(key, value)
+                continue
+            other_keys = True
+            if key == _VERSION_KEY:
+                version = _parse_version(key, value, strict)
                 continue
             m = _BINDING_KEY.match(key)
             if m:
@@ -446,6 +490,10 @@ class CloraSettings:
             options[name] = _parse_option(key, _FLAT_OPTIONS[name][1], value)
         if unknown and strict:
             raise SettingsError(f"Unknown CLoRA infotext key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.")
+        if version is None:
+            version = 1 if (other_keys or enabled is True) else FLAT_VERSION
+        if version == 1:
+            options = {**LEGACY_OPTIONS, **options}
         bindings = tuple(_binding_from_flat(i, binding_fields[i]) for i in _numbers_in_order(binding_fields, "CLoRA"))
         styles = tuple(_style_from_flat(i, style_fields[i]) for i in _numbers_in_order(style_fields, "CLoRA style"))
         return cls(enabled=enabled, bindings=bindings, styles=styles, **options).validate()
@@ -474,12 +522,16 @@ class CloraSettings:
             "mask_start": self.mask_start,
             "lora_on_uncond": self.lora_on_uncond,
             "show_previews": self.show_previews,
+            "maps_from": self.maps_from,
+            "predict_after_update": self.predict_after_update,
+            "negative_te_lora": self.negative_te_lora,
         }
 
     @classmethod
     def from_json(cls, data: Union[Mapping[str, Any], str]) -> "CloraSettings":
-        """Settings from the named-field form (a dict or its JSON text).  Missing fields take their defaults;
-        unknown keys are errors naming the key.  Validated."""
+        """Settings from the named-field form (a dict or its JSON text).  Missing fields take their defaults (also
+        those of `LEGACY_OPTIONS`: a caller wanting the old behaviour sets them); unknown keys are errors naming the
+        key.  Validated."""
         if isinstance(data, str):
             try:
                 data = json.loads(data)
@@ -529,7 +581,11 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "mask_start": ("CLoRA mask start", "float"),
     "lora_on_uncond": ("CLoRA LoRA on uncond", "bool"),
     "show_previews": ("CLoRA previews", "bool"),
+    "maps_from": ("CLoRA maps from", "str"),
+    "predict_after_update": ("CLoRA predict after update", "bool"),
+    "negative_te_lora": ("CLoRA negative TE LoRA", "bool"),
 }
+_VERSION_KEY = "CLoRA version"
 _FLAT_KEY_TO_FIELD = {key: name for name, (key, _) in _FLAT_OPTIONS.items()}
 _BINDING_KEY = re.compile(r"^CLoRA (\d+) (LoRA|subject|trigger|weight|TE weight)$")
 _STYLE_KEY = re.compile(r"^CLoRA style (\d+) (LoRA|weight|mode|subjects)$")
@@ -579,6 +635,20 @@ def _parse_int(name: str, value: Any) -> int:
     if x != int(x):
         raise SettingsError(f"{name}: {value!r} is not a whole number.")
     return int(x)
+
+
+def _parse_version(name: str, value: Any, strict: bool) -> int:
+    """The flat form's version: a whole number >= 1, capped at `FLAT_VERSION` (a newer infotext reads as the current
+    version).  Anything else is an error, or, unless ``strict``, the current version."""
+    try:
+        version = _parse_int(name, value)
+        if version < 1:
+            raise SettingsError(f"{name}: {value!r} is not a version number (1, 2, ...).")
+    except SettingsError:
+        if strict:
+            raise
+        return FLAT_VERSION
+    return min(version, FLAT_VERSION)
 
 
 def _parse_floats(name: str, value: Any) -> tuple[float, ...]:
@@ -783,6 +853,15 @@ def json_schema() -> dict[str, Any]:
             "mask_start": {**fraction, "default": d.mask_start},
             "lora_on_uncond": {"type": "boolean", "default": d.lora_on_uncond},
             "show_previews": {"type": "boolean", "default": d.show_previews},
+            "maps_from": {"enum": list(MAPS_FROM), "default": d.maps_from,
+                          "description": "attention maps (loss and masks) from the mean of the negative-prompt and "
+                                         "prompt rows ('both') or the prompt rows only ('cond', the old behaviour)"},
+            "predict_after_update": {"type": "boolean", "default": d.predict_after_update,
+                                     "description": "true: one more forward pass on the updated latent (the old "
+                                                    "behaviour); false: the prediction of the pass before the update"},
+            "negative_te_lora": {"type": "boolean", "default": d.negative_te_lora,
+                                 "description": "true: the negative prompt encoded per variant with its text-encoder "
+                                                "LoRAs; false: encoded once without LoRA (the old behaviour)"},
         },
     }
 

@@ -15,14 +15,23 @@ the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only a
     b1_lora, b1_subjects, b1_triggers, b1_weight, b1_te_weight,   ... up to b8_...   (MAX_BINDINGS rows)
     s1_lora, s1_weight, s1_mode, s1_subjects,                      ... up to s4_...   (MAX_STYLES rows)
     step_size, opt_end, refine_at, refine_iters, temperature, mask_threshold, mask_morphology, mask_start,
-    lora_on_uncond, show_previews
+    lora_on_uncond, show_previews,
+    maps_from, predict_after_update, negative_te_lora                              (appended in version 2)
 
 * a LoRA value of ``""``, ``"None"`` or ``None`` means "no LoRA";
 * a binding or style row whose text fields are all empty is skipped (rows may be left blank anywhere);
 * subjects: several words/phrases separated by ``|`` (``"cat | kitten"``);
 * ``te_weight``: a number, or empty for "same as the weight";
 * style mode: ``"whole"`` / ``"subjects"`` (the labels ``"whole image"`` / ``"these subjects"`` are accepted too);
-* ``refine_at``: comma-separated fractions of the steps (empty or ``none``: no refinement).
+* ``refine_at``: comma-separated fractions of the steps (empty or ``none``: no refinement);
+* ``maps_from``: ``"both"`` / ``"cond"`` (the labels of `MAPS_FROM_LABELS` are accepted too).
+
+Lists from before version 2 (`LEGACY_ARG_COUNT` values, without the last three) keep their meaning: the three
+options take their old values (`clora.settings.LEGACY_OPTIONS`), not the defaults.  Such a list arrives in two
+ways: as it is (`LEGACY_ARG_COUNT` values), or through the WebUI's API, which fills the positions a request leaves
+out with the ``value`` of the components of a fresh `build_ui` call.  The ``maps_from`` component's ``value`` is
+therefore `API_FILLER_MAPS_FROM`, the default ``"both"`` as a str subclass that only this filling can pass on (the
+UI sends plain text; so does JSON): seeing it, `args_to_settings` knows the request stopped before ``maps_from``.
 
 Instead of the positional list, the API may pass the named JSON form (`CloraSettings.to_json`) as the *first*
 argument: ``"args": [{"enabled": true, "bindings": [...]}]``; the remaining positions (filled by the WebUI with the
@@ -39,6 +48,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import user_message
 from .settings import (
+    LEGACY_OPTIONS,
     MAX_BINDINGS,
     MAX_REFINE_POINTS,
     MAX_STYLES,
@@ -61,6 +71,9 @@ __all__ = [
     "OPTION_FIELDS",
     "NO_LORA",
     "STYLE_MODE_LABELS",
+    "MAPS_FROM_LABELS",
+    "LEGACY_ARG_COUNT",
+    "API_FILLER_MAPS_FROM",
     "args_to_settings",
     "settings_to_args",
     "is_enabled",
@@ -78,8 +91,10 @@ STYLE_FIELDS = ("lora", "weight", "mode", "subjects")
 #: The global options, in order; the names are `CloraSettings` field names.
 OPTION_FIELDS = (
     "step_size", "opt_end", "refine_at", "refine_iters", "temperature", "mask_threshold", "mask_morphology",
-    "mask_start", "lora_on_uncond", "show_previews",
+    "mask_start", "lora_on_uncond", "show_previews", "maps_from", "predict_after_update", "negative_te_lora",
 )
+#: How many positional arguments there were before version 2 added the last three options (`LEGACY_OPTIONS`).
+LEGACY_ARG_COUNT = 67
 
 #: The stable order of the script's positional arguments (see the module docstring).
 ARG_NAMES: tuple[str, ...] = (
@@ -95,6 +110,19 @@ NO_LORA = "None"
 #: Style mode value -> label shown in the radio.
 STYLE_MODE_LABELS = {"whole": "whole image", "subjects": "these subjects"}
 _STYLE_LABEL_TO_MODE = {label: mode for mode, label in STYLE_MODE_LABELS.items()}
+#: ``maps_from`` value -> label shown in the radio.
+MAPS_FROM_LABELS = {"both": "prompt + negative rows", "cond": "prompt rows only"}
+_MAPS_FROM_LABEL_TO_VALUE = {label: value for value, label in MAPS_FROM_LABELS.items()}
+
+
+class _ApiFiller(str):
+    """The text of a component ``value`` that marks where the WebUI's API filled in a position a request left out."""
+
+    __slots__ = ()
+
+
+#: The ``value`` of the ``maps_from`` radio (see the module docstring): ``"both"``, but recognisably the API's filler.
+API_FILLER_MAPS_FROM = _ApiFiller(CloraSettings().maps_from)
 
 #: UI-only components (not arguments) that infotext paste also restores: how many rows are shown.
 _COUNT_NAMES = ("bindings_shown", "styles_shown")
@@ -186,6 +214,11 @@ def _style_mode(value: Any, what: str) -> str:
     return _STYLE_LABEL_TO_MODE.get(text, text)
 
 
+def _maps_from(value: Any, what: str) -> str:
+    text = _text(value, what)
+    return _MAPS_FROM_LABEL_TO_VALUE.get(text, text)
+
+
 def _fmt_number(x: float) -> str:
     text = repr(float(x))
     return text[:-2] if text.endswith(".0") else text
@@ -230,12 +263,14 @@ def _style_from_args(n: int, row: Mapping[str, Any]) -> Optional[StyleLora]:
 
 
 def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
-    if len(args) != len(ARG_NAMES):
+    if len(args) not in (len(ARG_NAMES), LEGACY_ARG_COUNT):
         raise SettingsError(
-            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES) or one JSON object, "
-            f"got {len(args)} arguments."
+            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES; the {LEGACY_ARG_COUNT} of "
+            f"older versions are read too) or one JSON object, got {len(args)} arguments."
         )
     a = dict(zip(ARG_NAMES, args))
+    if len(args) == LEGACY_ARG_COUNT or isinstance(a["maps_from"], _ApiFiller):
+        a.update(LEGACY_OPTIONS)  # a list from before these options: their old behaviour (module docstring)
     bindings = []
     for n in range(1, MAX_BINDINGS + 1):
         b = _binding_from_args(n, {f: a[f"b{n}_{f}"] for f in BINDING_FIELDS})
@@ -260,6 +295,9 @@ def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
         mask_start=_number(a["mask_start"], "Setting mask_start"),
         lora_on_uncond=_flag(a["lora_on_uncond"], "Setting lora_on_uncond"),
         show_previews=_flag(a["show_previews"], "Setting show_previews"),
+        maps_from=_maps_from(a["maps_from"], "Setting maps_from"),
+        predict_after_update=_flag(a["predict_after_update"], "Setting predict_after_update"),
+        negative_te_lora=_flag(a["negative_te_lora"], "Setting negative_te_lora"),
     )
 
 
@@ -310,8 +348,10 @@ def apply_overrides(settings: CloraSettings, overrides: Mapping[str, Any]) -> Cl
 
 
 def _parse_option(name: str, value: Any, what: str) -> Any:
-    if name in ("lora_on_uncond", "show_previews"):
+    if name in ("lora_on_uncond", "show_previews", "predict_after_update", "negative_te_lora"):
         return _flag(value, what)
+    if name == "maps_from":
+        return _maps_from(value, what)
     if name == "refine_at":
         return _fractions(value, what)
     if name == "refine_iters":
@@ -439,7 +479,14 @@ _TIPS = {
     "mask_threshold": "λ: a LoRA's region is where its subject's attention exceeds λ times its maximum.",
     "mask_morphology": "Clean-up of the masks before fusion.",
     "mask_start": "Fraction of the steps before the masked fusion starts (before it: every LoRA everywhere).",
-    "lora_on_uncond": "Also run each LoRA on the negative-prompt rows (the paper's behaviour).",
+    "lora_on_uncond": "Also run each LoRA's UNet part on its variant's negative-prompt rows (the paper's behaviour, "
+                      "with 'LoRA text encoders on the negative prompt' on).",
+    "negative_te_lora": "Encode the negative prompt per variant with the text-encoder LoRAs of its negative-prompt "
+                        "rows, as the paper does. Off: one plain encoding for all (cheaper).",
+    "maps_from": "Rows whose attention gives the loss and the masks: the mean of the negative-prompt and prompt rows "
+                 "(the paper's), or the prompt rows only.",
+    "predict_after_update": "After a latent update, predict again on the updated latent (one more pass per step). "
+                            "Off: the prediction made before the update is used, as in the paper.",
     "show_previews": "Add attention-map and mask images after the generated images.",
 }
 
@@ -627,6 +674,22 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
             with _make(gr.Row, elem_id=eid("advanced_row3")):
                 c["lora_on_uncond"] = _make(gr.Checkbox, d.lora_on_uncond, label="LoRAs on negative-prompt rows",
                                             elem_id=eid("lora_on_uncond"), info=_TIPS["lora_on_uncond"])
+                c["negative_te_lora"] = _make(gr.Checkbox, d.negative_te_lora,
+                                              label="LoRA text encoders on the negative prompt",
+                                              elem_id=eid("negative_te_lora"), info=_TIPS["negative_te_lora"])
+            with _make(gr.Row, elem_id=eid("advanced_row4")):
+                c["maps_from"] = _make(gr.Radio, choices=[(label, v) for v, label in MAPS_FROM_LABELS.items()],
+                                       value=d.maps_from, label="Attention maps from", elem_id=eid("maps_from"),
+                                       info=_TIPS["maps_from"])
+                # Set after construction, so that no gradio version's value processing can turn it into plain text.
+                c["maps_from"].value = API_FILLER_MAPS_FROM
+                # The WebUI compares a saved default of a radio with its labels, never with the values: it could
+                # not restore one, so none is saved.
+                c["maps_from"].do_not_save_to_config = True
+                c["predict_after_update"] = _make(gr.Checkbox, d.predict_after_update,
+                                                  label="Predict again after the update",
+                                                  elem_id=eid("predict_after_update"),
+                                                  info=_TIPS["predict_after_update"])
         c["show_previews"] = _make(gr.Checkbox, d.show_previews, label="Show attention and masks",
                                    elem_id=eid("show_previews"), info=_TIPS["show_previews"])
 

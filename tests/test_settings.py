@@ -8,6 +8,8 @@ from dataclasses import replace
 import pytest
 
 from clora.settings import (
+    FLAT_VERSION,
+    LEGACY_OPTIONS,
     MAX_BINDINGS,
     MORPHOLOGIES,
     Binding,
@@ -32,7 +34,9 @@ def _two_bindings(**kw) -> CloraSettings:
 def test_defaults_are_the_authors_100_step_run():
     s = CloraSettings()
     # Notebook: step_size 20, max_iter_to_alter 50 of 100 steps, iterative_steps [0, 10, 20] x 20,
-    # mask_threshold_alpha 0.4, temperature 0.5, apply_mask_after 0, LoRAs also on the uncond rows.
+    # mask_threshold_alpha 0.4, temperature 0.5, apply_mask_after 0, LoRAs also on the uncond rows (UNet and the
+    # negative prompt's text encoder), maps from the mean of the uncond and cond rows, the prediction of the pass
+    # before the update.
     assert s.step_size == 20.0
     assert list(s.optimise_steps(100)) == list(range(50))
     assert s.refine_steps(100) == (0, 10, 20)
@@ -41,7 +45,15 @@ def test_defaults_are_the_authors_100_step_run():
     assert s.temperature == 0.5
     assert s.mask_start_step(100) == 0
     assert s.lora_on_uncond is True
+    assert s.negative_te_lora is True
+    assert s.maps_from == "both"
+    assert s.predict_after_update is False
     assert s.enabled is False
+
+
+def test_legacy_options_are_the_old_behaviour():
+    assert LEGACY_OPTIONS == {"maps_from": "cond", "predict_after_update": True, "negative_te_lora": False}
+    assert FLAT_VERSION == 2
 
 
 def test_schedule_scales_with_the_step_count():
@@ -97,6 +109,10 @@ def test_binding_without_subject_is_named():
         (_two_bindings(refine_iters=2.5), "refine_iters"),
         (_two_bindings(mask_morphology="blur"), "mask_morphology 'blur'"),
         (_two_bindings(enabled="yes"), "enabled"),
+        (_two_bindings(maps_from="uncond"), "Setting maps_from 'uncond' is not one of both, cond."),
+        (_two_bindings(maps_from=None), "Setting maps_from None is not one of both, cond."),
+        (_two_bindings(predict_after_update="yes"), "Setting predict_after_update must be true or false, got 'yes'."),
+        (_two_bindings(negative_te_lora=1), "Setting negative_te_lora must be true or false, got 1."),
         (CloraSettings(enabled=True), "no LoRA is bound"),
         (
             CloraSettings(enabled=True, bindings=(Binding("a", ("cat",), weight=4.5),)),
@@ -164,8 +180,10 @@ def test_style_subject_matching_is_case_insensitive():
 def test_to_flat_keys_and_defaults_left_out():
     s = _two_bindings(styles=(StyleLora("ink", 0.5),), step_size=15.0, refine_at=(0.0, 0.1))
     flat = s.to_flat()
+    assert list(flat)[:2] == ["CLoRA", "CLoRA version"]
     assert flat == {
         "CLoRA": True,
+        "CLoRA version": 2,
         "CLoRA 1 LoRA": "cat_v1",
         "CLoRA 1 subject": "cat",
         "CLoRA 1 trigger": "sks",
@@ -181,6 +199,18 @@ def test_to_flat_keys_and_defaults_left_out():
         "CLoRA refine at": "0,0.1",
     }
     assert CloraSettings().to_flat() == {"CLoRA": False}
+    # The version is written whenever anything beyond the bare "CLoRA: False" is.
+    assert CloraSettings(maps_from="cond").to_flat() == {"CLoRA": False, "CLoRA version": 2, "CLoRA maps from": "cond"}
+    assert CloraSettings(show_previews=True).to_flat() == {"CLoRA": False, "CLoRA version": 2, "CLoRA previews": True}
+    assert _two_bindings().to_flat()["CLoRA version"] == 2
+
+
+def test_new_options_are_written_only_when_not_default():
+    flat = _two_bindings(maps_from="cond", predict_after_update=True, negative_te_lora=False).to_flat()
+    assert (flat["CLoRA maps from"], flat["CLoRA predict after update"], flat["CLoRA negative TE LoRA"]) == (
+        "cond", True, False)
+    assert not {"CLoRA maps from", "CLoRA predict after update", "CLoRA negative TE LoRA"} & set(
+        _two_bindings().to_flat())
 
 
 def test_flat_numbers_are_written_as_a1111_writes_them():
@@ -206,8 +236,9 @@ def test_flat_reads_numbers_written_as_1_point_0():
     old = ("CLoRA: True, CLoRA 1 LoRA: cat_v1, CLoRA 1 subject: cat, CLoRA 1 weight: 1.0, CLoRA 1 TE weight: -2.0, "
            "CLoRA style 1 LoRA: ink, CLoRA style 1 weight: 1.0, CLoRA style 1 mode: whole, CLoRA step size: 15.0")
     s = CloraSettings.from_flat(_infotext_read(old))
+    # (an infotext without "CLoRA version": the options added in version 2 take their old values)
     assert s == CloraSettings(enabled=True, bindings=(Binding("cat_v1", ("cat",), weight=1.0, te_weight=-2.0),),
-                              styles=(StyleLora("ink", 1.0),), step_size=15.0)
+                              styles=(StyleLora("ink", 1.0),), step_size=15.0, **LEGACY_OPTIONS)
     assert CloraSettings.from_flat(_infotext_read(_infotext_write(s.to_flat()))) == s
 
 
@@ -229,6 +260,7 @@ def test_from_flat_reads_strings_and_quoted_values():
         "Steps": "20",  # other infotext keys are ignored
         "Sampler": "Euler a",
         "CLoRA": "True",
+        "CLoRA version": " 2",
         "CLoRA 1 LoRA": "cat_v1",
         "CLoRA 1 subject": "cat",
         "CLoRA 1 weight": " 0.75",
@@ -237,6 +269,8 @@ def test_from_flat_reads_strings_and_quoted_values():
         "CLoRA refine iters": "7",
         "CLoRA LoRA on uncond": "false",
         "CLoRA mask morphology": "open",
+        "CLoRA maps from": " cond",
+        "CLoRA predict after update": "True",
     }
     s = CloraSettings.from_flat(flat)
     assert s == CloraSettings(
@@ -246,6 +280,8 @@ def test_from_flat_reads_strings_and_quoted_values():
         refine_iters=7,
         lora_on_uncond=False,
         mask_morphology="open",
+        maps_from="cond",
+        predict_after_update=True,
     )
 
 
@@ -261,6 +297,16 @@ def test_from_flat_reads_strings_and_quoted_values():
         ({"CLoRA": True, "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat", "CLoRA refine iters": "2.5"},
          "not a whole number"),
         ({"CLoRA": True, "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat", "CLoRA temperature": "0"}, "temperature"),
+        ({"CLoRA": True, "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat", "CLoRA maps from": "uncond"},
+         "Setting maps_from 'uncond' is not one of both, cond."),
+        ({"CLoRA": True, "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat", "CLoRA negative TE LoRA": "maybe"},
+         "CLoRA negative TE LoRA: 'maybe' is not true or false."),
+        ({"CLoRA": True, "CLoRA version": "two", "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat"},
+         "CLoRA version: 'two' is not a number."),
+        ({"CLoRA": True, "CLoRA version": "2.5", "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat"},
+         "CLoRA version: '2.5' is not a whole number."),
+        ({"CLoRA": True, "CLoRA version": "0", "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat"},
+         "CLoRA version: '0' is not a version number (1, 2, ...)."),
     ],
 )
 def test_from_flat_errors(flat, fragment):
@@ -272,6 +318,72 @@ def test_from_flat_errors(flat, fragment):
 def test_from_flat_lenient_mode_ignores_unknown_keys():
     flat = {**_two_bindings().to_flat(), "CLoRA future option": "1"}
     assert CloraSettings.from_flat(flat, strict=False) == _two_bindings()
+
+
+# Written by the code before "CLoRA version" existed (main at 61dff51, through A1111's infotext format): the options
+# of version 2 are absent, and the image was made with their old behaviour.
+_LEGACY_INFOTEXT = (
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, CLoRA: True, CLoRA 1 LoRA: cat_v1, CLoRA 1 subject: cat, "
+    "CLoRA 1 trigger: sks, CLoRA 1 weight: 0.9, CLoRA 2 LoRA: dog_v1, CLoRA 2 subject: dog|puppy, CLoRA 2 weight: 1, "
+    "CLoRA 2 TE weight: 0.5, CLoRA style 1 LoRA: ink, CLoRA style 1 weight: 0.7, CLoRA style 1 mode: whole, "
+    "CLoRA refine iters: 5"
+)
+_LEGACY_SETTINGS = CloraSettings(
+    enabled=True,
+    bindings=(Binding("cat_v1", ("cat",), "sks", 0.9), Binding("dog_v1", ("dog", "puppy"), te_weight=0.5)),
+    styles=(StyleLora("ink", 0.7),),
+    refine_iters=5,
+)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_infotext_without_version_reads_with_the_old_behaviour(strict):
+    s = CloraSettings.from_flat(_infotext_read(_LEGACY_INFOTEXT), strict=strict)
+    assert (s.maps_from, s.predict_after_update, s.negative_te_lora) == ("cond", True, False)
+    assert s == replace(_LEGACY_SETTINGS, **LEGACY_OPTIONS)
+    # written again, it keeps that meaning: the old values are not the defaults, so they are written out
+    again = _infotext_read(_infotext_write(s.to_flat()))
+    assert again["CLoRA version"] == "2" and again["CLoRA maps from"] == "cond"
+    assert CloraSettings.from_flat(again) == s
+
+
+def test_infotext_without_version_keeps_explicit_keys():
+    line = _LEGACY_INFOTEXT + ", CLoRA maps from: both, CLoRA negative TE LoRA: True"
+    s = CloraSettings.from_flat(_infotext_read(line))
+    assert (s.maps_from, s.predict_after_update, s.negative_te_lora) == ("both", True, True)
+
+
+def test_version_2_infotext_without_the_keys_takes_the_defaults():
+    line = _LEGACY_INFOTEXT.replace("CLoRA: True, ", "CLoRA: True, CLoRA version: 2, ")
+    s = CloraSettings.from_flat(_infotext_read(line))
+    assert s == _LEGACY_SETTINGS
+    assert (s.maps_from, s.predict_after_update, s.negative_te_lora) == ("both", False, True)
+    assert _infotext_write(_LEGACY_SETTINGS.to_flat()) == line[line.index("CLoRA: True"):]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_version_key_values(strict):
+    flat = _LEGACY_SETTINGS.to_flat()
+    read = lambda version: CloraSettings.from_flat({**flat, "CLoRA version": version}, strict=strict)  # noqa: E731
+    assert read("1") == replace(_LEGACY_SETTINGS, **LEGACY_OPTIONS)  # written out: the same as absent
+    assert read(2) == read("2") == read('"2"') == read("2.0") == _LEGACY_SETTINGS
+    assert read("3") == read("17") == _LEGACY_SETTINGS  # a newer infotext reads as the newest version known
+    for bad in ("two", "2.5", "0", "-1", ""):
+        if strict:
+            with pytest.raises(SettingsError, match="^CLoRA version: "):
+                read(bad)
+        else:
+            assert read(bad) == _LEGACY_SETTINGS  # pasting stays possible; read as the current version
+
+
+def test_without_clora_keys_or_with_the_bare_disabled_flag_the_defaults_hold():
+    assert CloraSettings.from_flat({}) == CloraSettings()
+    assert CloraSettings.from_flat({"Steps": "20"}) == CloraSettings()
+    assert CloraSettings.from_flat({"CLoRA": "False"}) == CloraSettings()
+    # disabled, but with options: written by the old code (which wrote the infotext only when enabled, so by hand)
+    old = CloraSettings.from_flat({"CLoRA": "False", "CLoRA step size": "5"})
+    assert old == CloraSettings(step_size=5.0, **LEGACY_OPTIONS)
+    assert CloraSettings.from_flat({"CLoRA": "True", "CLoRA 1 LoRA": "a", "CLoRA 1 subject": "cat"}).maps_from == "cond"
 
 
 # An infotext writer/parser written here from the format A1111 documents by example ("key: value, key: value",
@@ -351,13 +463,18 @@ def _random_settings(rng: random.Random) -> CloraSettings:
         mask_start=maybe(rng.random(), 0.0),
         lora_on_uncond=maybe(False, True),
         show_previews=maybe(True, False),
+        maps_from=maybe("cond", "both"),
+        predict_after_update=maybe(True, False),
+        negative_te_lora=maybe(False, True),
     )
 
 
 def test_randomised_round_trips():
     rng = random.Random(1234)
+    seen = set()
     for _ in range(300):
         s = _random_settings(rng).validate()
+        seen.add((s.enabled, s.maps_from, s.predict_after_update, s.negative_te_lora))
         flat = s.to_flat()
         assert CloraSettings.from_flat(flat) == s
         # Through infotext text: every value becomes a string, some JSON-quoted.
@@ -368,6 +485,7 @@ def test_randomised_round_trips():
         # Named-field form, through JSON text.
         assert CloraSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
         assert CloraSettings.from_json(json.dumps(s.to_json())) == s
+    assert len(seen) == 16  # every combination of the new options, enabled or not, went round
 
 
 def test_infotext_helpers_agree_on_a_hand_written_line():
@@ -435,6 +553,9 @@ def test_json_schema_accepts_what_to_json_writes_and_rejects_bad_documents():
         {**good, "mask_threshold": 1},
         {**good, "mask_morphology": "blur"},
         {**good, "refine_iters": 101},
+        {**good, "maps_from": "uncond"},
+        {**good, "predict_after_update": "sometimes"},
+        {**good, "negative_te_lora": None},
         {**good, "surprise": 1},
         {**good, "bindings": [{**good["bindings"][0], "weight": 9}]},
         {**good, "bindings": [{**good["bindings"][0], "extra": 1}]},

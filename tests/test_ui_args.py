@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import replace
 
 import pytest
 
 from clora.settings import (
+    LEGACY_OPTIONS,
     MAX_BINDINGS,
     MAX_STYLES,
     MORPHOLOGIES,
@@ -19,7 +21,9 @@ from clora.settings import (
     StyleLora,
 )
 from clora.ui import (
+    API_FILLER_MAPS_FROM,
     ARG_NAMES,
+    LEGACY_ARG_COUNT,
     apply_overrides,
     args_to_settings,
     is_enabled,
@@ -40,8 +44,18 @@ def blank_args() -> dict:
         a.update({f"s{n}_lora": "None", f"s{n}_weight": 0.8, f"s{n}_mode": "whole", f"s{n}_subjects": ""})
     a.update({"step_size": 20.0, "opt_end": 0.5, "refine_at": "0, 0.1, 0.2", "refine_iters": 20, "temperature": 0.5,
               "mask_threshold": 0.4, "mask_morphology": "none", "mask_start": 0.0, "lora_on_uncond": True,
-              "show_previews": False})
+              "show_previews": False, "maps_from": "both", "predict_after_update": False, "negative_te_lora": True})
     return a
+
+
+#: The argument names before version 2 (67 of them), written out as the README documented them.
+OLD_ARG_NAMES = (
+    ("enabled",)
+    + tuple(f"b{n}_{f}" for n in range(1, 9) for f in ("lora", "subjects", "triggers", "weight", "te_weight"))
+    + tuple(f"s{n}_{f}" for n in range(1, 5) for f in ("lora", "weight", "mode", "subjects"))
+    + ("step_size", "opt_end", "refine_at", "refine_iters", "temperature", "mask_threshold", "mask_morphology",
+       "mask_start", "lora_on_uncond", "show_previews")
+)
 
 
 def positional(a: dict) -> list:
@@ -82,6 +96,9 @@ def random_settings(rng: random.Random) -> CloraSettings:
         mask_start=rng.random(),
         lora_on_uncond=rng.random() < 0.5,
         show_previews=rng.random() < 0.5,
+        maps_from=rng.choice(["both", "cond"]),
+        predict_after_update=rng.random() < 0.5,
+        negative_te_lora=rng.random() < 0.5,
     ).validate()
 
 
@@ -89,10 +106,13 @@ def random_settings(rng: random.Random) -> CloraSettings:
 
 
 def test_arg_names_order_and_count():
-    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 10 == 67
+    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 13 == 70
     assert len(set(ARG_NAMES)) == len(ARG_NAMES)
     assert ARG_NAMES[:6] == ("enabled", "b1_lora", "b1_subjects", "b1_triggers", "b1_weight", "b1_te_weight")
-    assert ARG_NAMES[-2:] == ("lora_on_uncond", "show_previews")
+    # version 2 appended its three options: the old positions keep their meaning
+    assert LEGACY_ARG_COUNT == len(OLD_ARG_NAMES) == 67 and ARG_NAMES[:LEGACY_ARG_COUNT] == OLD_ARG_NAMES
+    assert ARG_NAMES[-5:] == ("lora_on_uncond", "show_previews", "maps_from", "predict_after_update",
+                              "negative_te_lora")
     assert len(settings_to_args(CloraSettings())) == len(ARG_NAMES)
 
 
@@ -103,8 +123,9 @@ def test_defaults_give_default_settings():
 
 def test_wrong_argument_count_is_an_error_naming_both_counts():
     args = positional(blank_args())
-    with pytest.raises(SettingsError, match=rf"{len(ARG_NAMES)} positional arguments.*got {len(args) - 1}"):
-        args_to_settings(args[:-1])
+    for n in (len(args) - 1, len(args) - 2, len(args) + 1, LEGACY_ARG_COUNT - 1):
+        with pytest.raises(SettingsError, match=rf"70 positional arguments \(see ARG_NAMES; the 67 .*got {n} "):
+            args_to_settings((args * 2)[:n])
 
 
 # ----- positional form against a hand-written reference ---------------------------------------------------------
@@ -115,13 +136,15 @@ def test_positional_form_matches_named_form():
     a.update({"enabled": True, "b1_lora": "cat_v1", "b1_subjects": "cat | kitten", "b1_triggers": "sks",
               "b1_weight": 0.9, "b3_lora": "dog_v1", "b3_subjects": "dog", "b3_te_weight": "0.5",
               "s2_lora": "ink", "s2_weight": 0.7, "s2_mode": "these subjects", "s2_subjects": "dog",
-              "refine_at": "0.1,0.3", "mask_threshold": 0.25, "mask_morphology": "open", "lora_on_uncond": False})
+              "refine_at": "0.1,0.3", "mask_threshold": 0.25, "mask_morphology": "open", "lora_on_uncond": False,
+              "maps_from": "prompt rows only", "negative_te_lora": False})
     expected = CloraSettings.from_json({
         "enabled": True,
         "bindings": [{"lora": "cat_v1", "subjects": ["cat", "kitten"], "triggers": "sks", "weight": 0.9},
                      {"lora": "dog_v1", "subjects": ["dog"], "te_weight": 0.5}],
         "styles": [{"lora": "ink", "weight": 0.7, "mode": "subjects", "subjects": ["dog"]}],
         "refine_at": [0.1, 0.3], "mask_threshold": 0.25, "mask_morphology": "open", "lora_on_uncond": False,
+        "maps_from": "cond", "negative_te_lora": False,
     })
     # the blank binding row 2 and style row 1 are skipped
     assert args_to_settings(positional(a)) == expected
@@ -133,6 +156,56 @@ def test_values_as_strings_are_read_like_numbers():
               "step_size": 7, "refine_at": "none"})
     s = args_to_settings(positional(a))
     assert (s.enabled, s.bindings[0].weight, s.refine_iters, s.step_size, s.refine_at) == (True, 0.75, 3, 7.0, ())
+
+
+# ----- lists from before version 2 ---------------------------------------------------------------------------------
+
+
+def _old_list() -> list:
+    """A 67-value list as the code before version 2 took it (cat and dog bound, a style LoRA, two options set)."""
+    a = {name: blank_args()[name] for name in OLD_ARG_NAMES}
+    a.update({"enabled": True, "b1_lora": "cat_v1", "b1_subjects": "cat", "b1_triggers": "sks", "b2_lora": "dog_v1",
+              "b2_subjects": "dog", "b2_weight": 0.8, "s1_lora": "ink", "refine_iters": 5, "show_previews": True})
+    return [a[name] for name in OLD_ARG_NAMES]
+
+
+_OLD_MEANING = CloraSettings(
+    enabled=True, bindings=(Binding("cat_v1", ("cat",), "sks"), Binding("dog_v1", ("dog",), weight=0.8)),
+    styles=(StyleLora("ink"),), refine_iters=5, show_previews=True, **LEGACY_OPTIONS,
+)
+
+
+def test_67_values_from_before_version_2_mean_the_old_behaviour():
+    old = _old_list()
+    assert len(old) == 67
+    s = args_to_settings(old)
+    assert (s.maps_from, s.predict_after_update, s.negative_te_lora) == ("cond", True, False)
+    assert s == _OLD_MEANING
+    assert args_to_settings(json.loads(json.dumps(old))) == _OLD_MEANING
+    # overrides (X/Y/Z plot) still apply on top
+    assert args_to_settings(old, {"maps_from": "both"}).maps_from == "both"
+
+
+def test_70_values_take_what_they_say():
+    new = _old_list() + ["both", False, True]
+    assert args_to_settings(new) == replace(_OLD_MEANING, maps_from="both", predict_after_update=False,
+                                            negative_te_lora=True)
+    new = _old_list() + ["cond", True, False]
+    assert args_to_settings(new) == _OLD_MEANING
+
+
+def test_a_list_filled_in_by_the_webui_api_means_the_old_behaviour():
+    # The WebUI's API fills the positions a request leaves out with the UI components' values (gradio-free here:
+    # the component value of maps_from is API_FILLER_MAPS_FROM, checked in test_build_ui_smoke).
+    filler = positional(blank_args())
+    filler[ARG_NAMES.index("maps_from")] = API_FILLER_MAPS_FROM
+    filled = _old_list() + filler[LEGACY_ARG_COUNT:]
+    assert args_to_settings(filled) == _OLD_MEANING
+    # a request that sends maps_from knows the new options: what it leaves out takes the defaults
+    filled = _old_list() + ["cond"] + filler[LEGACY_ARG_COUNT + 1:]
+    assert args_to_settings(filled) == replace(_OLD_MEANING, predict_after_update=False, negative_te_lora=True)
+    # the filler is "both" to anything but this check, and JSON (the browser, an API request) makes it plain text
+    assert API_FILLER_MAPS_FROM == "both" and type(json.loads(json.dumps(API_FILLER_MAPS_FROM))) is str
 
 
 # ----- round trip -------------------------------------------------------------------------------------------------
@@ -201,6 +274,11 @@ def test_overrides():
     s = args_to_settings(positional(a), {"enabled": "True", "mask_threshold": "0.3", "b2_weight": 0.6,
                                          "refine_iters": 4.0})
     assert s.enabled is True and s.mask_threshold == 0.3 and s.refine_iters == 4
+    s2 = args_to_settings(positional(a), {"maps_from": "prompt rows only", "predict_after_update": "True",
+                                          "negative_te_lora": 0})
+    assert (s2.maps_from, s2.predict_after_update, s2.negative_te_lora) == ("cond", True, False)
+    with pytest.raises(SettingsError, match="Setting maps_from 'uncond' is not one of both, cond."):
+        args_to_settings(positional(a), {"maps_from": "uncond"})
     assert [b.weight for b in s.bindings] == [1.0, 0.6]
     with pytest.raises(SettingsError, match="no binding 3"):
         args_to_settings(positional(a), {"b3_weight": 0.5})
@@ -236,6 +314,27 @@ def test_paste_restores_every_argument(seed):
     assert args_to_settings(restored) == s
     assert paste_value("bindings_shown", params) == max(1, len(s.bindings))
     assert paste_value("styles_shown", params) == len(s.styles)
+
+
+# Written by the code before "CLoRA version" (main at 61dff51), as the WebUI's infotext parser hands it over.
+_LEGACY_PARAMS = {"Steps": "20", "Sampler": "Euler a", "CLoRA": "True", "CLoRA 1 LoRA": "cat_v1",
+                  "CLoRA 1 subject": "cat", "CLoRA 1 weight": "1"}
+
+
+def test_paste_of_an_infotext_without_version_sets_the_old_behaviour():
+    assert [paste_value(n, _LEGACY_PARAMS) for n in ("maps_from", "predict_after_update", "negative_te_lora")] == [
+        "cond", True, False]
+    restored = [paste_value(name, _LEGACY_PARAMS) for name in ARG_NAMES]
+    assert args_to_settings(restored) == CloraSettings(enabled=True, bindings=(Binding("cat_v1", ("cat",)),),
+                                                       **LEGACY_OPTIONS)
+
+
+def test_paste_of_a_version_2_infotext_without_the_keys_sets_the_defaults():
+    params = {**_LEGACY_PARAMS, "CLoRA version": "2"}
+    assert [paste_value(n, params) for n in ("maps_from", "predict_after_update", "negative_te_lora")] == [
+        "both", False, True]
+    params["CLoRA version"] = "7"  # newer than this code: read as the newest it knows
+    assert paste_value("maps_from", params) == "both"
 
 
 def test_paste_without_clora_disables_and_leaves_the_rest():
@@ -281,15 +380,22 @@ def test_build_ui_smoke():
     assert "modules" not in sys.modules  # the fallback accordion was used, no WebUI import happened
     assert len(comps) == len(ARG_NAMES)
     assert [c.elem_id for c in comps] == [f"clora_img2img_{n}" for n in ARG_NAMES]
-    assert args_to_settings([c.value for c in comps]) == CloraSettings()
+    # what the browser sends back at first (plain JSON) is the defaults; the values themselves, as the WebUI's API
+    # fills in the positions a request leaves out, mean the old behaviour of the options of version 2
+    assert args_to_settings(json.loads(json.dumps([c.value for c in comps]))) == CloraSettings()
+    assert comps[ARG_NAMES.index("maps_from")].value is API_FILLER_MAPS_FROM
+    assert args_to_settings([c.value for c in comps]) == CloraSettings(**LEGACY_OPTIONS)
     assert comps[ARG_NAMES.index("b1_lora")].choices[:3] in (["None", "cat_v1", "dog_v1"],
                                                             [("None", "None"), ("cat_v1", "cat_v1"),
                                                              ("dog_v1", "dog_v1")])
     assert [f[0] for f in fields[: len(comps)]] == comps and len(fields) == len(comps) + 2
     # the WebUI saves UI defaults by label: row fields (repeated labels) stay out, the other labels are unique
     saved = [c for c in comps if not getattr(c, "do_not_save_to_config", False)]
-    assert [n for n, c in zip(ARG_NAMES, comps) if c in saved] == ["enabled", *ARG_NAMES[-10:]]
+    assert [n for n, c in zip(ARG_NAMES, comps) if c in saved] == [
+        "enabled", *(n for n in ARG_NAMES[-13:] if n != "maps_from")]  # (a saved radio value cannot be restored)
     assert len({c.label for c in saved}) == len(saved)
+    maps_from = comps[ARG_NAMES.index("maps_from")]
+    assert [tuple(c) for c in maps_from.choices] == [("prompt + negative rows", "both"), ("prompt rows only", "cond")]
 
     # +/- rows: the counter is clamped; removing a row clears its fields
     (add,) = _fn(demo, "add")[:1]
@@ -329,6 +435,34 @@ def test_build_ui_smoke():
     refreshed = _fn(demo, "refresh_lists")[0]()
     assert len(refreshed) == MAX_BINDINGS + MAX_STYLES
     assert "owl_v2" in [c if isinstance(c, str) else c[0] for c in refreshed[0]["choices"]]
+
+
+def test_webui_api_fills_a_short_request_with_values_meaning_the_old_behaviour():
+    """The WebUI's API (modules/api/api.py, A1111 1.8+ and Forge): ``init_default_script_args`` calls the script's
+    ``ui()`` once more and keeps each component's ``value``; ``init_script_args`` copies that list and overwrites the
+    first ``min(len(components), len(request args))`` positions with the request's ``alwayson_scripts`` args."""
+    import gradio as gr
+    from clora.ui import build_ui
+
+    with gr.Blocks():
+        defaults = [elem.value for elem in build_ui(False, FakeHost())[0]]
+
+    def api(request_args):
+        script_args = defaults.copy()
+        for idx in range(min(len(defaults), len(request_args))):
+            script_args[idx] = request_args[idx]
+        return args_to_settings(script_args)
+
+    old = json.loads(json.dumps(_old_list()))  # a request's 67 values, through JSON
+    assert api(old) == _OLD_MEANING
+    assert api(old + ["both"]) == replace(_OLD_MEANING, maps_from="both", predict_after_update=False,
+                                          negative_te_lora=True)
+    for seed in range(5):
+        s = random_settings(random.Random(200 + seed))
+        assert api(json.loads(json.dumps(settings_to_args(s)))) == s
+        assert api([json.loads(json.dumps(s.to_json()))]) == s  # the named form: missing fields take the defaults
+    assert api([{"enabled": True, "bindings": [{"lora": "cat_v1", "subjects": ["cat"]}]}]) == CloraSettings(
+        enabled=True, bindings=(Binding("cat_v1", ("cat",)),))
 
 
 def test_build_ui_without_host_shows_the_message():

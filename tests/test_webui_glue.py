@@ -335,6 +335,18 @@ def test_xyz_axes_registered_once_and_override_per_cell():
     with pytest.raises(KeyError):
         glue.set_override(p, "nonsense", 1)
 
+    # the options of the authors' computation (and their old behaviour) as axes
+    pc = copy.copy(p)
+    by_label["[CLoRA] Enabled"].apply(pc, "True", None)
+    assert by_label["[CLoRA] Attention maps from"].choices() == ["both", "cond"]
+    by_label["[CLoRA] Attention maps from"].apply(pc, "cond", None)
+    by_label["[CLoRA] Predict again after the update"].apply(pc, "True", None)
+    by_label["[CLoRA] LoRA text encoders on the negative prompt"].apply(pc, "False", None)
+    glue.on_process(pc, disabled, RecordingHost())
+    flat = pc.extra_generation_params
+    assert (flat["CLoRA maps from"], flat["CLoRA predict after update"], flat["CLoRA negative TE LoRA"]) == (
+        "cond", True, False)
+
 
 # ----- API routes --------------------------------------------------------------------------------------------------
 

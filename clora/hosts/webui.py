@@ -228,6 +228,9 @@ AXES: tuple[tuple[str, type, str, Optional[Callable[[], list[str]]]], ...] = (
     ("[CLoRA] Refinement iterations", int, "refine_iters", None),
     ("[CLoRA] Binding 1 weight", float, "b1_weight", None),
     ("[CLoRA] Binding 2 weight", float, "b2_weight", None),
+    ("[CLoRA] Attention maps from", str, "maps_from", lambda: ["both", "cond"]),
+    ("[CLoRA] Predict again after the update", str, "predict_after_update", lambda: ["True", "False"]),
+    ("[CLoRA] LoRA text encoders on the negative prompt", str, "negative_te_lora", lambda: ["True", "False"]),
 )
 
 
