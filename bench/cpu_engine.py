@@ -1,8 +1,10 @@
 """CPU benchmark of the CLoRA engine on the tiny random-weight SD1-style checkpoint (a script, not a test).
 
 Prints, in one run, the wall time per sampling step of a plain generation and of CLoRA with 2 and 4 LoRAs (with
-and without refinement), each as a ratio against the plain generation, and the batched fused pass against one
-model call per variant.  Usage::
+and without refinement), each as a ratio against the plain generation, for the default (the authors' order: one
+forward with gradient per update that also gives the prediction) and for the previous order (``--previous``:
+truncated gradient passes, then the prediction recomputed on the updated latent; maps from the cond rows; one shared
+negative-prompt encoding), and the batched fused pass against one model call per variant.  Usage::
 
     OMP_NUM_THREADS=1 python bench/cpu_engine.py [--size 256] [--steps 10] [--repeats 2]
 """
@@ -54,16 +56,21 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) / args.steps
 
-    def clora(n, refine):
+    def clora(n, refine, previous=False):
         binds = tuple(Binding(w, (w,), "") for w in words[:n])
-        return CloraSettings(enabled=True, bindings=binds, refine_iters=refine)
+        s = CloraSettings(enabled=True, bindings=binds, refine_iters=refine)
+        if previous and hasattr(s, "maps_from"):
+            s = replace(s, maps_from="cond", predict_after_update=True, negative_te_lora=False)
+        return s
 
     rows = []
     plain = timed(CloraSettings())
     rows.append(("plain generation", plain))
     for n in (2, 4):
-        rows.append((f"CLoRA {n} LoRAs, no refinement (refine_iters 0)", timed(clora(n, 0), files[:n])))
-        rows.append((f"CLoRA {n} LoRAs, refinement 3 x 5 iterations", timed(clora(n, 5), files[:n])))
+        for previous in (False, True):
+            tag = " [previous order]" if previous else ""
+            rows.append((f"CLoRA {n} LoRAs, no refinement{tag}", timed(clora(n, 0, previous), files[:n])))
+            rows.append((f"CLoRA {n} LoRAs, refinement 3 x 5{tag}", timed(clora(n, 5, previous), files[:n])))
     no_update = lambda n: replace(clora(n, 0), step_size=0.0)  # noqa: E731  fused pass only
     batched2 = timed(no_update(2), files[:2], batched=True)
     separate2 = timed(no_update(2), files[:2], batched=False)

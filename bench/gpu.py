@@ -10,6 +10,8 @@ with it; 8 LoRAs 60.6 s / 41.9 GB; plain 2.1 s / 2.6 GB.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import json
 import os
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
         for refine in (0, 20):
             s = CloraSettings(enabled=True, bindings=binds, refine_iters=refine)
             rows.append((f"CLoRA {n} LoRAs, refinement {'3x20' if refine else 'off'}", *run(s, files[:n])))
+            # the previous order: truncated gradient passes, then the prediction again on the updated latent
+            old = replace(s, maps_from="cond", predict_after_update=True, negative_te_lora=False)
+            rows.append((f"  same, previous order", *run(old, files[:n])))
 
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{args.arch} random weights, {dev}, {str(dtype).split('.')[-1]}, {args.size}x{args.size}, "

@@ -164,6 +164,7 @@ class GenerationResult:
             "seconds": round(self.seconds, 3),
             "steps": [
                 {"step": r.step, "sigma": r.sigma, "loss_before": r.loss_before, "loss_after": r.loss_after,
+                 "losses": list(r.losses),
                  "iterations": r.iterations}
                 for r in self.history
             ],

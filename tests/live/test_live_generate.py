@@ -141,3 +141,18 @@ def test_plain_generation_is_unchanged_after_clora_runs(webui, clora_run, refere
     assert r.ok, r.error_text()
     assert same_pixels(r.images()[0], reference), "a CLoRA run changed the next generation without CLoRA"
     assert "CLoRA" not in r.info()["infotexts"][0]
+
+
+def test_size_not_a_multiple_of_32(webui, loras):
+    """The WebUIs take sizes in steps of 8 px; at one that is not a multiple of 32 (nor of 64) the H/32 maps are
+    ceil(latent/4) and the generation works, with and without CLoRA, at the size asked for."""
+    base = BASE_PAYLOAD["width"]
+    size = {"width": base + 8, "height": base - 8}
+    plain = webui.generate(**size)
+    assert plain.ok, plain.error_text()
+    r = webui.generate(named_args(loras, show_previews=True), **size)
+    assert r.ok, f"CLoRA at {size} failed ({r.status}): {r.error_text()}"
+    images = r.images()
+    assert images[0].size == (size["width"], size["height"])
+    assert mean_abs_diff(images[0], plain.images()[0]) > 0.5
+    assert len(images) >= 3, "the mask overlay and the attention grid are expected after the image"
