@@ -155,10 +155,12 @@ class GenerationResult:
     seconds: float = 0.0
     plain_loras: list = field(default_factory=list)  # (name, weight) of the LoRAs applied to every row (CLoRA off)
     trajectory: list = field(default_factory=list)  # the sampler's latent at each step (after CLoRA's update there)
+    notes: list = field(default_factory=list)  # what of each LoRA is not applied (also logged as a warning)
 
     def report(self) -> dict:
         return {
             "prompts": self.prompts,
+            "notes": self.notes,
             "settings": self.settings.to_json(),
             "plain_loras": [[name, weight] for name, weight in self.plain_loras],
             "seconds": round(self.seconds, 3),
@@ -307,13 +309,16 @@ def _pick(by_name: dict[str, LoraFile], names: Sequence[str]) -> list[LoraFile]:
 
 
 def _targets(lm: LoadedModel, ordered: Sequence[LoraFile]):
-    """LoRA targets split by component: (unet targets, text targets) as (module, lora_index, LoraModule)."""
-    unet_t, text_t = [], []
+    """LoRA targets split by component: (unet targets, text targets) as (module, lora_index, LoraModule), and the
+    notes of what is not applied (`resolve` logs each as a warning too)."""
+    unet_t, text_t, notes = [], [], []
     for idx, lora in enumerate(ordered):
         res = resolve(lora, unet=lm.unet, text_model=lm.text_model)
         for component, _path, module, lmod in res.targets:
             (unet_t if component == "unet" else text_t).append((module, idx, lmod))
-    return unet_t, text_t
+        if res.note is not None:
+            notes.append(res.note)
+    return unet_t, text_t, notes
 
 
 def _check_length(lm: LoadedModel, what: str, chunks: Sequence[Sequence[int]]) -> None:
@@ -438,7 +443,7 @@ def generate(
     if not active:
         # Plain LoRAs act on every row: the text encoder's (cond and uncond prompts) and the UNet's.
         every = [(i, w) for i, (_n, w) in enumerate(plain)]
-        unet_targets, text_targets = _targets(lm, ordered)
+        unet_targets, text_targets, notes = _targets(lm, ordered)
         with _rows_on_every_row(text_targets, every, batch_size), torch.no_grad():
             uncond = lm.encode([negative] * batch_size)
             cond = lm.encode([prompt] * batch_size)
@@ -453,7 +458,8 @@ def generate(
             latent = run_sampler(cfg_denoise)
         images = _to_images(lm, latent)
         return GenerationResult(images=images, latent=latent, settings=settings, prompts=[prompt],
-                                seconds=time.perf_counter() - t0, plain_loras=plain, trajectory=trajectory)
+                                seconds=time.perf_counter() - t0, plain_loras=plain, trajectory=trajectory,
+                                notes=notes)
 
     # --- CLoRA ---------------------------------------------------------------------------------------
     names = [b.lora for b in settings.bindings] + [s.lora for s in settings.styles]
@@ -463,7 +469,7 @@ def generate(
         what = "The prompt" if v == 0 else f"The prompt with the trigger words of LoRA '{settings.bindings[v - 1].lora}'"
         _check_length(lm, what, chunks)
     plan = build_compose_plan(variants.groups, variants.mask_tokens, settings)
-    unet_targets, text_targets = _targets(lm, ordered)
+    unet_targets, text_targets, notes = _targets(lm, ordered)
 
     # Each variant's prompt (and, with negative_te_lora, its negative prompt) is encoded with that variant's own
     # LoRAs' text-encoder parts, all in one call; without them the negative prompt is encoded once and shared.
@@ -499,7 +505,7 @@ def generate(
     return GenerationResult(
         images=images, latent=latent, settings=settings, history=list(composer.history), prompts=variants.prompts,
         masks=composer.last_masks, maps=composer.mean_maps, step_ious=list(composer.step_ious), seconds=time.perf_counter() - t0,
-        trajectory=trajectory,
+        trajectory=trajectory, notes=notes,
     )
 
 

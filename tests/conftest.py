@@ -17,3 +17,16 @@ torch.set_num_threads(1)
 from clora._compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The real-tool LoRA files (tests/test_lora_real_tools.py): the layouts covered and each one's worst ΔW error."""
+    module = sys.modules.get("tests.test_lora_real_tools")
+    results = getattr(module, "RESULTS", None)
+    if not results:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", f"real-tool LoRA files: {len(results)} files/layouts checked against the tools' own forward")
+    for name, r in results.items():
+        tr.write_line(f"{name:26s} {r['dtype']:9s} {r['modules']:4d} modules ({r['conv']:3d} conv)  "
+                      f"worst max|ΔW - ΔW_tool| / max|ΔW_tool| = {r['worst']:.2e}")

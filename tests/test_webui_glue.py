@@ -226,6 +226,61 @@ def test_missing_word_raises_at_sampling_through_the_script_hooks(monkeypatch):
     assert p.sample() == "sampled"  # the per-p replacement is gone; the class method is back in effect
 
 
+def test_dropped_modules_reach_the_console_and_the_infotext(monkeypatch, tmp_path, caplog):
+    """A bound LoRA with a module the model lacks and a tensor of an unsupported type still runs (it is above the
+    90 % rule), but not quietly: one warning on the console and a count in the infotext."""
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tests.models import make_tiny_clip, make_tiny_unet
+    from tools import lora_writer as lw
+
+    install_prepare_fakes(monkeypatch)
+    unet, text = make_tiny_unet(), make_tiny_clip()
+    paths = {n: lw.write_kohya(tmp_path / f"{n}.safetensors", unet, text, seed=i)
+             for i, n in enumerate(("cat_v1", "dog_v1"))}
+    with safe_open(str(paths["cat_v1"]), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    n_modules = sum(k.endswith(".lora_down.weight") for k in tensors) + 1
+    tensors.update({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.ones(2, 32),  # no such layer
+                    "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.ones(32, 2),
+                    "lora_unet_conv_in.on_input": torch.ones(4)})  # IA3: not supported
+    save_file(tensors, str(paths["cat_v1"]), metadata=meta)
+
+    class Run(A1111Run):
+        def model_family(self):
+            return "sd1"
+
+        def check_gradients(self):
+            pass
+
+        def unet_module(self):
+            return unet
+
+        def text_module(self):
+            return text
+
+        def lora_file(self, name):
+            return paths[name]
+
+    p = FakeP("a cat and a dog")
+    p.sd_model = fake_sd_model()
+    run = Run(p=p, settings=CAT_DOG)
+    with caplog.at_level(logging.WARNING, logger="clora"):
+        run.prepare()
+    assert run.error is None
+    assert p.extra_generation_params["CLoRA dropped modules"] == (
+        f"LoRA 'cat_v1': 1 of {n_modules} modules do not fit this model and are not applied; "
+        "1 tensors of unsupported or incomplete modules are ignored.")
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        f"CLoRA: LoRA 'cat_v1': 1 of {n_modules} modules do not fit this model and are not applied (e.g. "
+        "lora_unet_down_blocks_7_attentions_0_proj_in: no such module in this model); 1 tensors of unsupported or "
+        "incomplete modules are ignored (e.g. lora_unet_conv_in.on_input).")
+
+
 def test_settings_error_raises_at_sampling(monkeypatch):
     p = FakeP()
     a = args_for(CloraSettings())

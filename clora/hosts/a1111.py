@@ -30,7 +30,7 @@ import torch
 from ..attention import AttentionCapture, map_size
 from ..compose import Composer, build_compose_plan
 from ..lora.files import check_family, load_lora
-from ..lora.keymap import resolve
+from ..lora.keymap import dropped_summary, resolve
 from ..lora.rows import LoraRows, RowPlan
 from ..lora.types import LoraError, LoraFile
 from ..prompts import PromptError, build_variants
@@ -40,6 +40,8 @@ from .common import CloraError, RunReport, pad_tokens, step_from_calls, strip_lo
 __all__ = ["is_available", "A1111Tokenizer", "A1111Host", "A1111Run"]
 
 _RUN_ATTR = "_clora_run"
+#: infotext key naming, per LoRA, the modules and tensors that are not applied (the console warning has examples)
+DROPPED_KEY = "CLoRA dropped modules"
 
 
 def is_available() -> bool:
@@ -222,11 +224,16 @@ class A1111Run:
         self.unet = self.unet_module()
         self.text = self.text_module()
         unet_t, text_t = [], []
+        dropped: list[str] = []
         for idx, lora in enumerate(self.loras):
-            res = resolve(lora, unet=self.unet, text_model=self.text)
+            res = resolve(lora, unet=self.unet, text_model=self.text)  # logs a warning when something is left out
             for component, _path, module, lmod in res.targets:
                 (unet_t if component == "unet" else text_t).append((module, idx, lmod))
             self.report.notes.append(f"{lora.name}: {res.matched}/{res.total} modules")
+            if res.note is not None:
+                dropped.append(dropped_summary(lora, res, examples=0))
+        if dropped:
+            p.extra_generation_params[DROPPED_KEY] = " ".join(dropped)
         self.unet_rows = LoraRows(unet_t)
         self.text_targets = text_t
         self.capture = AttentionCapture(self.unet)

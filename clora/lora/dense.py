@@ -22,13 +22,21 @@ Conventions (``W`` has shape ``(out, in)`` for Linear, ``(out, in, kh, kw)`` for
 * **DoRA** (``dora_scale`` magnitude ``m``): ``ΔW_eff = m · (W + sΔW) / ‖W + sΔW‖ − W``.  The norm axis follows the
   stored magnitude's shape:
 
-  - ``(out,)``, ``(out, 1)`` or ``(out, 1, 1, 1)``: one norm per **output row** (over ``in·kh·kw``).  This is peft's
-    DoRA (``lora_magnitude_vector``, ``weight.norm(dim=1)`` on a Linear weight) and LyCORIS with ``wd_on_out=True``
-    (the kohya/LyCORIS default since LyCORIS 2.2).
+  - ``(out,)``, ``(out, 1)`` or ``(out, 1, 1, 1)``: one norm per **output row** (over ``in·kh·kw``).  This is
+    LyCORIS with ``wd_on_out=True`` (the kohya/LyCORIS default since LyCORIS 2.2) and peft's Linear DoRA.
   - ``(1, in)`` or ``(1, in, 1, 1)``: one norm per **input column** (over ``out·kh·kw``): early LyCORIS DoRA files,
     which A1111's ``network.apply_weight_decompose`` computes (it transposes ``W`` before the norm).
 
+  peft is the exception the shape cannot tell: its ``lora_magnitude_vector`` is always one value per **output**
+  channel, stored ``(out,)`` for a Linear but ``(1, out, 1, 1)`` for a Conv2d (``weight.norm(dim=(1, 2, 3))``
+  transposed) — the shape of the per-input-column layout.  The reader marks such modules ``dora_axis="out"``
+  (`LoraModule.dora_axis`), and a declared axis wins over the shape.
+
   Any other shape raises `LoraError`.  No epsilon is added to the norm.
+
+  The user's weight ``w`` multiplies the finished ``ΔW_eff`` (``w·ΔW_eff``), as A1111 (``finalize_updown``) and Forge
+  (``weight_decompose``: ``W + strength·(W_dora − W)``) do for ``<lora:name:w>``.  LyCORIS's multiplier and peft's
+  ``scale_lora_layers`` instead scale ``sΔW`` inside the normalisation; at ``w = 1`` all agree.
 """
 from __future__ import annotations
 
@@ -130,10 +138,21 @@ def delta_rows(module: LoraModule) -> tuple[int, int]:
     raise LoraError(f"LoRA module {module.key}: unknown module kind {module.kind!r}")
 
 
-def dora_axis(magnitude_shape: Shape, weight_shape: Shape) -> str:
-    """``"out"`` (norm per output row) or ``"in"`` (norm per input column) for a DoRA magnitude shape; see module doc."""
+def dora_axis(magnitude_shape: Shape, weight_shape: Shape, declared: Optional[str] = None) -> str:
+    """``"out"`` (norm per output row) or ``"in"`` (norm per input column) for a DoRA magnitude shape; see module doc.
+
+    ``declared`` is the axis the file's format fixes (`LoraModule.dora_axis`, ``"out"`` for peft); the shape must
+    then hold one value per channel of that axis, with every other dimension 1.
+    """
     m, w = tuple(magnitude_shape), tuple(weight_shape)
     out, inp = w[0], w[1] if len(w) > 1 else 1
+    if declared is not None:
+        n = out if declared == "out" else inp
+        if declared in ("out", "in") and math.prod(m) == n and sum(s != 1 for s in m) <= 1 and len(m) <= len(w):
+            return declared
+        raise LoraError(f"DoRA magnitude of shape {m} cannot be interpreted for a weight of shape {w}: "
+                        f"its format stores one value per {'output' if declared == 'out' else 'input'} channel "
+                        f"({n})")
     if m == (out,) or (len(m) == len(w) and m[0] == out and all(s == 1 for s in m[1:])):
         return "out"
     if len(m) == len(w) and len(w) >= 2 and m[0] == 1 and m[1] == inp and all(s == 1 for s in m[2:]):
@@ -156,15 +175,16 @@ def shape_problem(module: LoraModule, weight_shape: Shape) -> Optional[str]:
         return f"down factor {tuple(module.tensors['down'].shape)} does not take {w[1]} input channels"
     if module.dora_scale is not None:
         try:
-            dora_axis(tuple(module.dora_scale.shape), w)
+            dora_axis(tuple(module.dora_scale.shape), w, module.dora_axis)
         except LoraError as exc:
             return str(exc)
     return None
 
 
-def apply_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def apply_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+               declared: Optional[str] = None) -> torch.Tensor:
     """``m · (W + ΔW) / ‖W + ΔW‖ − W`` with the norm axis chosen by `dora_axis` (``delta`` already scaled)."""
-    axis = dora_axis(tuple(magnitude.shape), tuple(weight.shape))
+    axis = dora_axis(tuple(magnitude.shape), tuple(weight.shape), declared)
     w = weight.detach().to(device=delta.device, dtype=delta.dtype)
     merged = w + delta
     ones = [1] * (w.dim() - 1)
@@ -189,5 +209,5 @@ def dense_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     dt = _compute_dtype(weight)
     delta = raw_delta(module, weight.device, dt).reshape(weight.shape) * module.scale
     if module.dora_scale is not None:
-        delta = apply_dora(weight, delta, module.dora_scale)
+        delta = apply_dora(weight, delta, module.dora_scale, module.dora_axis)
     return delta.to(weight.dtype)

@@ -4,10 +4,14 @@ Layouts read (every module is converted to its canonical kohya stem, see ``docs/
 
 * kohya / LyCORIS: ``<stem>.lora_down.weight``, ``.lora_up.weight``, ``.lora_mid.weight`` (CP), ``.alpha``,
   ``.dora_scale``; LoHa ``.hada_w1_a`` ... ``.hada_t2``; LoKr ``.lokr_w1`` ... ``.lokr_t2``; stems ``lora_unet_*``,
-  ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` (SDXL).  ldm-style UNet stems (``lora_unet_input_blocks_*``) are kept as
-  they are; `keymap` resolves both spellings.
+  ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` (SDXL's two text encoders; ``lora_te1_*`` alone is also how diffusers'
+  ``convert_state_dict_to_kohya`` names SD1's, see `detect_family`), and peft's ``.lora_magnitude_vector[.weight]``
+  under a kohya stem as that converter leaves it (unrenamed, the module's last dot or two kept:
+  ``lora_unet_..._attn1.to_q.lora_magnitude_vector``, ``lora_unet.conv_in.lora_magnitude_vector``).  ldm-style UNet
+  stems (``lora_unet_input_blocks_*``) are kept as they are; `keymap` resolves both spellings.
 * peft / diffusers: ``unet.<diffusers path>.lora_A.weight``/``lora_B.weight`` and ``text_encoder[_2].<HF path>...``,
-  optional ``.alpha``, ``.lora_magnitude_vector[.weight]`` (DoRA); a ``base_model.model.`` prefix; the older diffusers
+  optional ``.alpha``, ``.lora_magnitude_vector[.weight]`` (DoRA, one value per output channel whatever its shape:
+  the module gets ``dora_axis="out"``); a ``base_model.model.`` prefix; the older diffusers
   ``<path>.lora.down.weight``/``lora.up.weight``, ``<path>.lora_linear_layer.down/up.weight`` and
   ``<attn>.processor.to_q_lora.down.weight`` forms.
 
@@ -15,6 +19,7 @@ Pickle files (``.pt``, ``.ckpt``, ``.bin`` ...) are refused without being opened
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -45,14 +50,15 @@ _KOHYA_PARTS: dict[str, tuple[Optional[str], str]] = {
 _PEFT_PARTS: list[tuple[str, str, Optional[str], str]] = sorted([
     ("lora_A.weight", "peft", "lora", "down"),
     ("lora_B.weight", "peft", "lora", "up"),
-    ("lora_magnitude_vector.weight", "peft", None, "dora_scale"),
-    ("lora_magnitude_vector", "peft", None, "dora_scale"),
+    ("lora_magnitude_vector.weight", "peft", None, "peft_magnitude"),
+    ("lora_magnitude_vector", "peft", None, "peft_magnitude"),
     ("lora.down.weight", "diffusers", "lora", "down"),
     ("lora.up.weight", "diffusers", "lora", "up"),
     ("lora_linear_layer.down.weight", "diffusers", "lora", "down"),
     ("lora_linear_layer.up.weight", "diffusers", "lora", "up"),
     ("alpha", "peft", None, "alpha"),
 ], key=lambda p: -len(p[0]))
+_KOHYA_MAGNITUDE = re.compile(r"^(?P<stem>lora_(?:unet|te[12]?)[._].+)\.lora_magnitude_vector(?:\.weight)?$")
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.",
                "add_embedding.")
@@ -83,6 +89,12 @@ def _peft_stem(path: str) -> Optional[str]:
 def _classify(key: str) -> Optional[tuple[str, str, Optional[str], str]]:
     """``(stem, layout, kind, short name)`` for one tensor key, or ``None`` when it belongs to no known module type."""
     bare = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    m = _KOHYA_MAGNITUDE.match(bare)
+    if m is not None:
+        # peft's magnitude as diffusers' convert_state_dict_to_kohya leaves it: it turns all but the last two dots
+        # into "_" (counted for keys ending in ".weight"; peft 0.13 writes none), e.g.
+        # "lora_unet_..._attn1.to_q.lora_magnitude_vector" or "lora_unet.conv_in.lora_magnitude_vector"
+        return m["stem"].replace(".", "_"), "kohya", None, "peft_magnitude"
     if bare.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) and "." in bare:
         stem_, suffix = bare.split(".", 1)
         part = _KOHYA_PARTS.get(suffix)
@@ -125,14 +137,19 @@ def parse_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraModule],
         names = set(parts)
         complete = kind is not None and all(any(n in names for n in alts) for alts in _REQUIRED[kind])
         complete = complete and all(_PAIRS[n] in names for n in names if n in _PAIRS)
+        complete = complete and not {"dora_scale", "peft_magnitude"} <= names  # two magnitudes: ambiguous
         if not complete:
             skipped.extend(k for k, _ in parts.values())
             continue
         alpha_t = parts.get("alpha")
-        dora_t = parts.get("dora_scale")
-        tensors_ = {n: t for n, (_, t) in parts.items() if n not in ("alpha", "dora_scale")}
+        # peft's magnitude is one value per output channel whatever its shape ((1, out, 1, 1) for a conv): say so
+        if "peft_magnitude" in parts:
+            dora_t, dora_axis = parts["peft_magnitude"], "out"
+        else:
+            dora_t, dora_axis = parts.get("dora_scale"), None
+        tensors_ = {n: t for n, (_, t) in parts.items() if n not in ("alpha", "dora_scale", "peft_magnitude")}
         alpha = None if alpha_t is None else float(alpha_t[1].float().reshape(-1)[0])
-        modules[stem_] = LoraModule(stem_, kind, tensors_, alpha, None if dora_t is None else dora_t[1])
+        modules[stem_] = LoraModule(stem_, kind, tensors_, alpha, None if dora_t is None else dora_t[1], dora_axis)
     if any(k.startswith("lora_te2_") for k in modules):  # diffusers SDXL: text_encoder -> te1 beside text_encoder_2
         modules = {("lora_te1_" + k[len("lora_te_"):] if k.startswith("lora_te_") else k):
                    (_renamed(m, "lora_te1_" + m.key[len("lora_te_"):]) if m.key.startswith("lora_te_") else m)
@@ -144,7 +161,7 @@ def parse_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraModule],
 
 
 def _renamed(m: LoraModule, key: str) -> LoraModule:
-    return LoraModule(key, m.kind, m.tensors, m.alpha, m.dora_scale)
+    return dataclasses.replace(m, key=key)
 
 
 # ----- family -------------------------------------------------------------------------------------
@@ -186,12 +203,17 @@ def detect_family(modules: dict[str, LoraModule], metadata: Optional[dict[str, s
                   sidecar: Optional[dict[str, Any]] = None) -> str:
     """``"sd1"``, ``"sd2"``, ``"sdxl"`` or ``"unknown"`` from keys and shapes, then metadata when shapes say nothing.
 
-    Evidence, strongest first: ``lora_te1_``/``lora_te2_`` keys (SDXL's two text encoders); the context width read by
-    cross-attention ``attn2.to_k``/``to_v`` (768 SD1, 1024 SD2, 2048 SDXL; this covers ldm-style ``input_blocks`` keys
-    too); the text encoder's width (768 SD1, 1024 SD2); then ``ss_base_model_version`` / ``modelspec.architecture`` /
-    the A1111 sidecar's ``sd version``.  Models of other sizes (e.g. tiny test models) are ``"unknown"``.
+    Evidence, strongest first: ``lora_te2_`` keys (SDXL's second text encoder; SD 1.x/2.x have one); the context width
+    read by cross-attention ``attn2.to_k``/``to_v`` (768 SD1, 1024 SD2, 2048 SDXL; this covers ldm-style
+    ``input_blocks`` keys too); the text encoder's width (768 SD1, 1024 SD2, 1280 SDXL's second encoder); then
+    ``ss_base_model_version`` / ``modelspec.architecture`` / the A1111 sidecar's ``sd version``.
+
+    ``lora_te1_`` alone proves nothing: SDXL's first text encoder is a 768-wide CLIP-L like SD1's, and diffusers'
+    ``convert_state_dict_to_kohya`` names SD1's text encoder ``lora_te1_`` (both hosts apply such keys to SD1's
+    CLIP).  A ``lora_te1_`` file that neither shapes nor metadata place is ``"unknown"``.  Models of other sizes (e.g.
+    tiny test models) are ``"unknown"`` too.
     """
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in modules):
+    if any(k.startswith("lora_te2_") for k in modules):
         return "sdxl"
     votes: Counter[str] = Counter()
     for key, m in modules.items():
@@ -200,6 +222,8 @@ def detect_family(modules: dict[str, LoraModule], metadata: Optional[dict[str, s
             fam = _CONTEXT_FAMILY.get(width or -1)
         elif key.startswith("lora_te_") and key.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1")):
             fam = _TEXT_FAMILY.get(width or -1)
+        elif key.startswith("lora_te1_") and key.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1")):
+            fam = "sd2" if width == 1024 else None  # 768: SD1 or SDXL's CLIP-L, the UNet has to tell
         else:
             continue
         if fam is not None:

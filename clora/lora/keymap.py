@@ -34,18 +34,27 @@ as kohya's SDXL trainer writes), so both spellings resolve.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
+from ..errors import user_message
 from .dense import shape_problem
 from .types import LoraError, LoraFile, LoraModule, is_linear, is_target
 
 __all__ = [
-    "HOST_ROOTS", "full_path", "unet_paths", "unet_stem_table", "text_paths", "text_stem_table", "ResolvedLora",
-    "resolve", "stem",
+    "HOST_ROOTS", "SINGLE_CLIP_PREFIXES", "full_path", "unet_paths", "unet_stem_table", "text_paths", "text_stem_table",
+    "ResolvedLora", "resolve", "dropped_summary", "stem",
 ]
+
+logger = logging.getLogger("clora")
+
+# Stem prefixes that name the text encoder of a model with one CLIP (SD 1.x): kohya's ``lora_te_``, and ``lora_te1_``
+# as diffusers' ``convert_state_dict_to_kohya`` writes it.  A1111 (``networks.load_network``) and Forge (its LoRA key
+# collection) both apply ``lora_te1_`` keys to SD1's CLIP.
+SINGLE_CLIP_PREFIXES = ("lora_te_", "lora_te1_")
 
 # Where each host keeps the two trees, relative to the object the host calls the model.
 #   A1111: shared.sd_model (LatentDiffusion): UNet at model.diffusion_model, CLIPTextModel at cond_stage_model.transformer.
@@ -226,6 +235,8 @@ class ResolvedLora:
     matched / total: modules bound / modules of the components that were given.
     unmatched: keys of modules that found no target or whose shapes do not fit it; ``reasons`` says which.
     skipped: keys of modules for a component that was not given (not counted in ``total``).
+    note: `dropped_summary` of what is not applied (``None`` when every module and tensor is); `resolve` also logs it
+          as a warning on the ``clora`` logger.
     """
 
     targets: list[tuple[str, str, nn.Module, LoraModule]]
@@ -234,6 +245,7 @@ class ResolvedLora:
     unmatched: list[str]
     reasons: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    note: Optional[str] = None
 
 
 def _component(key: str) -> Optional[str]:
@@ -248,19 +260,26 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
             min_match: float = 0.9) -> ResolvedLora:
     """Bind every module of ``lora`` to a ``Linear``/``Conv2d`` of ``unet``/``text_model`` (either may be ``None``).
 
-    Each binding is shape-checked against the target's weight.  Raises `LoraError` when fewer than ``min_match`` of the
-    modules of the given components bind; otherwise returns the counts and the unmatched keys (nothing is dropped
-    silently).
+    Each binding is shape-checked against the target's weight; the text model answers to every prefix of
+    `SINGLE_CLIP_PREFIXES`, and a second module for a layer already bound is unmatched (it would apply twice).
+    Raises `LoraError` when fewer than ``min_match`` of the modules of the given components bind: the file is then
+    most likely for another architecture.  Otherwise returns the counts and the unmatched keys, and when anything is
+    left out (modules that do not fit, tensors of unsupported or incomplete modules counted by the reader) logs one
+    warning naming the count and examples, kept as ``note`` for the caller's infotext: nothing is dropped silently.
     """
     tables: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     if unet is not None:
         tables["unet"] = (unet, unet_stem_table(unet))
     if text_model is not None:
-        tables["text"] = (text_model, text_stem_table(text_model))
+        text_table: dict[str, str] = {}
+        for prefix in SINGLE_CLIP_PREFIXES:
+            text_table.update(text_stem_table(text_model, prefix))
+        tables["text"] = (text_model, text_table)
     targets: list[tuple[str, str, nn.Module, LoraModule]] = []
     unmatched: list[str] = []
     reasons: dict[str, str] = {}
     skipped: list[str] = []
+    bound: dict[tuple[str, str], str] = {}
     for key, module in lora.modules.items():
         comp = _component(key)
         if comp is None or comp not in tables:
@@ -272,12 +291,17 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
             unmatched.append(key)
             reasons[key] = "no such module in this model"
             continue
+        if (comp, path) in bound:
+            unmatched.append(key)
+            reasons[key] = f"its layer is already taken by {bound[(comp, path)]}"
+            continue
         target = root.get_submodule(path)
         problem = shape_problem(module, tuple(target.weight.shape))
         if problem is not None:
             unmatched.append(key)
             reasons[key] = problem
             continue
+        bound[(comp, path)] = key
         targets.append((comp, path, target, module))
     total = len(targets) + len(unmatched)
     if total and len(targets) / total < min_match:
@@ -289,5 +313,35 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
             hint = f"It looks like a LoRA for {FAMILY_NAMES.get(lora.family, lora.family)}: is it made for another model?"
         raise LoraError(f"LoRA '{lora.name}': only {len(targets)} of {total} modules match this model "
                         f"(e.g. {examples}). {hint}")
-    return ResolvedLora(targets, len(targets), total, unmatched, reasons, skipped)
+    res = ResolvedLora(targets, len(targets), total, unmatched, reasons, skipped)
+    res.note = dropped_summary(lora, res)
+    if res.note is not None:
+        logger.warning(user_message(res.note))
+    return res
 
+
+def dropped_summary(lora: LoraFile, res: ResolvedLora, examples: int = 2) -> Optional[str]:
+    """One line saying what of ``lora`` is not applied to the model, or ``None`` when everything is.
+
+    Counts the modules that found no layer or do not fit it, the modules of a component that was not given, and the
+    file's tensors the reader could not use (``LoraFile.skipped_keys``: unsupported module types such as IA3/OFT,
+    incomplete modules); with up to ``examples`` examples of each (none when 0, for the infotext).
+    """
+    def shown(keys: list[str], fmt=str) -> str:
+        if not examples:
+            return ""
+        listed = "; ".join(fmt(k) for k in keys[:examples]) + ("; ..." if len(keys) > examples else "")
+        return f" (e.g. {listed})"
+
+    parts = []
+    if res.unmatched:
+        parts.append(f"{len(res.unmatched)} of {res.total} modules do not fit this model and are not applied"
+                     + shown(res.unmatched, lambda k: f"{k}: {res.reasons.get(k, '?')}"))
+    if res.skipped:
+        parts.append(f"{len(res.skipped)} modules are for a part of the model that was not given" + shown(res.skipped))
+    if lora.skipped_keys:
+        parts.append(f"{len(lora.skipped_keys)} tensors of unsupported or incomplete modules are ignored"
+                     + shown(lora.skipped_keys))
+    if not parts:
+        return None
+    return f"LoRA '{lora.name}': " + "; ".join(parts) + "."

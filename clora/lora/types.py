@@ -36,6 +36,9 @@ class LoraModule:
              ``hada_w1_a`` ... for LoHa; ``lokr_w1`` ... for LoKr).
     alpha: the file's alpha or ``None``.
     dora_scale: DoRA magnitude vector, or ``None``.
+    dora_axis: ``"out"`` when the file's format fixes the magnitude to one value per output channel (peft's
+               ``lora_magnitude_vector``, stored ``(out,)`` for a Linear and ``(1, out, 1, 1)`` for a Conv2d), ``None``
+               when the axis is read from the magnitude's shape (kohya/LyCORIS ``dora_scale``; see `dense.dora_axis`).
     """
 
     key: str
@@ -43,6 +46,7 @@ class LoraModule:
     tensors: dict[str, torch.Tensor]
     alpha: Optional[float] = None
     dora_scale: Optional[torch.Tensor] = None
+    dora_axis: Optional[str] = None
 
     # ----- shared helpers -------------------------------------------------------------------------
     @property
