@@ -39,6 +39,7 @@ __all__ = [
     "schema_document",
     "loras_document",
     "build_previews",
+    "trigger_sources",
 ]
 
 STATE_ATTR = "_clora_state"
@@ -165,6 +166,18 @@ def on_postprocess(p: Any, processed: Any) -> None:
     if isinstance(infotexts, list):
         infotexts.extend([info] * len(state.previews))
     state.previews = []
+
+
+# ----- trigger words ---------------------------------------------------------------------------------------------
+
+
+def trigger_sources(name: str) -> list[Any]:
+    """The trigger-word sources of LoRA ``name`` from the WebUI's LoRA folder (`clora.triggers.trigger_sources`):
+    the file's header and its sidecars only, never its tensors.  Raises `LoraError` for an unknown name."""
+    from ..triggers import trigger_sources as sources_of_file
+    from .a1111 import find_lora_file  # the WebUI's LoRA index; Forge shares it
+
+    return sources_of_file(find_lora_file(name))
 
 
 # ----- previews ------------------------------------------------------------------------------------------------
