@@ -451,7 +451,7 @@ def build_previews(run: Any, settings: CloraSettings, images: Any = None) -> lis
     out = []
     for i in range(masks.shape[0]):
         if images is not None and i < len(images):
-            out.append(mask_overlay(_to_pil(images[i]), masks[i], labels))
+            out.append(mask_overlay(_to_pil(images[i]), masks[i], labels, concepts=concepts))
         if maps is not None and i < maps.shape[0]:
             out.append(attention_grid(maps[i], run.variants.groups, concepts, labels, masks=masks[i]))
     return out
