@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import user_message
@@ -77,6 +76,7 @@ __all__ = [
     "args_to_settings",
     "settings_to_args",
     "is_enabled",
+    "nothing_chosen",
     "apply_overrides",
     "paste_value",
     "paste_function",
@@ -392,6 +392,22 @@ def is_enabled(args: Sequence[Any], overrides: Optional[Mapping[str, Any]] = Non
         return True
 
 
+def nothing_chosen(args: Sequence[Any], overrides: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether the arguments name no LoRA at all: every binding and style row blank (the named form: no
+    ``bindings`` and no ``styles``).  Rows that are only half filled count as chosen (their problem is reported)."""
+    args = list(args)
+    if _is_named_form(args):
+        form = args[0]
+        return not form.get("bindings") and not form.get("styles")
+    try:
+        settings = _settings_from_positional(args)
+        if overrides:
+            settings = apply_overrides(settings, overrides)
+    except SettingsError:
+        return False
+    return not settings.bindings and not settings.styles
+
+
 # ----- settings -> args --------------------------------------------------------------------------------------
 
 
@@ -502,29 +518,44 @@ def _lora_choices(host: Any) -> list[str]:
     return [NO_LORA] + [n for n in names if n != NO_LORA]
 
 
-def suggested_triggers(host: Any, lora: Any, subjects: Any = "") -> str:
-    """The first trigger word the host suggests for ``lora`` ("" when none or on any problem).
+def _host_sources(host: Any) -> Callable[[str], list[Any]]:
+    """Trigger sources from a host that only offers ``trigger_words(name)`` (one list, treated as training tags)."""
+    from .triggers import TriggerSource
 
-    The binding's own subject words are taken out of the suggestion: a LoRA tagged "sks dog" bound to "dog" gets
-    the trigger "sks" (the variant then reads "a sks dog", not "a sks dog dog").
+    def sources(name: str) -> list[Any]:
+        words = [str(w) for w in host.trigger_words(name)] if host is not None else []
+        return [TriggerSource("tags", tuple(words))] if words else []
+
+    return sources
+
+
+def _subject_list(text: Any) -> list[str]:
+    if not isinstance(text, str):
+        return []
+    return [w.strip() for w in text.split(SUBJECT_SEPARATOR) if w.strip()]
+
+
+def suggested_triggers(sources: Any, lora: Any, subjects: Any = "", other_subjects: Sequence[Any] = ()) -> str:
+    """The trigger text to fill in when ``lora`` is picked for a binding ("" when none, or on any problem).
+
+    sources: a callable ``name -> [TriggerSource, ...]`` (most trusted first, see `clora.triggers`), or a host with
+    ``trigger_words(name)``.  subjects: this binding's subject box; other_subjects: the other bindings' subject boxes.
+    The binding's own subject words are taken out of the suggestion (a LoRA tagged "sks dog" bound to "dog" gets
+    "sks"), and a candidate containing another binding's subject word is never suggested.
     """
+    from .triggers import pick_trigger
+
     name = _lora_name(lora, "LoRA") if isinstance(lora, (str, type(None))) else ""
-    if host is None or not name:
+    if sources is None or not name:
         return ""
+    if not callable(sources):
+        sources = _host_sources(sources)
     try:
-        words = list(host.trigger_words(name))
+        found = list(sources(name))
     except Exception:  # metadata is a convenience; a broken file is reported when generating
         return ""
-    text = subjects if isinstance(subjects, str) else ""
-    subject_words = [w.strip() for w in text.split(SUBJECT_SEPARATOR) if w.strip()]
-    for word in words:
-        cleaned = str(word)
-        for subject in subject_words:
-            cleaned = re.sub(rf"(?i)(?<!\w){re.escape(subject)}(?!\w)", " ", cleaned)
-        cleaned = " ".join(cleaned.split())
-        if cleaned:
-            return cleaned
-    return ""
+    others = [w for text in other_subjects for w in _subject_list(text)]
+    return pick_trigger(found, _subject_list(subjects), others)
 
 
 def _clamp_count(value: Any, lo: int, hi: int) -> int:
@@ -553,11 +584,14 @@ def _widget_helpers():
     return InputAccordion, ToolButton
 
 
-def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, message: str = ""):
+def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, message: str = "",
+             trigger_sources: Optional[Callable[[str], list[Any]]] = None):
     """Build the CLoRA accordion inside the current gradio Blocks.
 
     host: the host glue (``lora_names()``, ``trigger_words(name)``) or ``None`` when CLoRA cannot run here;
-    message: shown at the top of the accordion (e.g. why CLoRA is unavailable).
+    message: shown at the top of the accordion (e.g. why CLoRA is unavailable);
+    trigger_sources: ``name -> [TriggerSource, ...]`` for the trigger auto-fill (`clora.triggers`); without it the
+    host's ``trigger_words`` are used as training tags.
     Returns ``(components, infotext_fields)``: the components in `ARG_NAMES` order, and ``(component, function)``
     pairs for infotext paste (also covering the hidden row counters).  Creates components and event listeners only.
     """
@@ -643,7 +677,7 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
                     )
                     c[f"s{n}_subjects"] = _make(
                         gr.Textbox, "", label="Subjects", lines=1, elem_id=eid(f"s{n}_subjects"),
-                        info=_TIPS["style_subjects"] if first else None,
+                        info=_TIPS["style_subjects"], visible=False,  # shown for "these subjects" only
                     )
                 style_rows.append(row)
 
@@ -709,8 +743,14 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
 
     refresh.click(fn=refresh_lists, inputs=[], outputs=dropdowns, show_progress=False)
 
-    for n in range(1, MAX_BINDINGS + 1):
-        _wire_trigger_prefill(gr, host, c[f"b{n}_lora"], c[f"b{n}_triggers"], c[f"b{n}_subjects"])
+    _wire_trigger_prefill(
+        gr, trigger_sources if trigger_sources is not None else _host_sources(host),
+        [c[f"b{n}_lora"] for n in range(1, MAX_BINDINGS + 1)],
+        [c[f"b{n}_triggers"] for n in range(1, MAX_BINDINGS + 1)],
+        [c[f"b{n}_subjects"] for n in range(1, MAX_BINDINGS + 1)],
+    )
+    for n in range(1, MAX_STYLES + 1):
+        _wire_style_mode(gr, c[f"s{n}_mode"], c[f"s{n}_subjects"])
 
     # Row fields repeat their labels, and the WebUI keys saved UI defaults (ui-config.json) by label: keep them out
     # of it, so one row's saved value never becomes another row's default.
@@ -772,23 +812,80 @@ def _wire_rows(gr, counter, add_button, remove_button, rows, row_components, *, 
     counter.change(fn=show, inputs=[counter], outputs=rows, show_progress=False)
 
 
-def _wire_trigger_prefill(gr, host, dropdown, triggers, subjects_box) -> None:
-    """When the user picks a LoRA and the trigger box is empty, fill in the LoRA's first suggested trigger word.
+def _wire_style_mode(gr, mode_radio, subjects_box) -> None:
+    def style_mode_changed(mode):
+        return gr.update(visible=isinstance(mode, str) and _style_mode(mode, "mode") == "subjects")
 
-    Listens to 'select' (a user's choice only, with the chosen item in the event data), so that infotext paste,
-    which sets the dropdown programmatically, never overwrites pasted trigger words.
+    mode_radio.change(fn=style_mode_changed, inputs=[mode_radio], outputs=[subjects_box], show_progress=False)
+
+
+def _auto_trigger(current: Any, auto: Any, suggestion: str) -> Optional[str]:
+    """What the trigger box becomes when a suggestion is made: ``suggestion`` when the box is empty or still holds
+    the text filled in automatically before (``auto``); ``None`` (leave it) when the user typed something."""
+    text = current if isinstance(current, str) else ""
+    before = auto if isinstance(auto, str) else ""
+    if text.strip() and text != before:
+        return None
+    return suggestion
+
+
+def _wire_trigger_prefill(gr, sources, dropdowns, trigger_boxes, subject_boxes) -> None:
+    """Trigger-word auto-fill.
+
+    * Picking a LoRA ('select': a user's choice only, so infotext paste, which sets the dropdown programmatically,
+      never overwrites pasted trigger words) fills the row's trigger box with the suggestion for that LoRA —
+      replacing the text filled in automatically before (also by nothing, for a LoRA without a suggestion), never
+      what the user typed.
+    * When a subject box loses focus, the rows whose trigger box still holds auto-filled text get the suggestion
+      again (a trigger containing the new subject word of another binding is withdrawn).
+    The auto-filled text of each row is kept in a `gr.State` (UI state, not a script argument).
     """
-    event = getattr(dropdown, "select", None)
+    event_name = "select"
     select_data = getattr(gr, "SelectData", None)
-    if event is None or select_data is None:
+    state_cls = getattr(gr, "State", None)
+    if select_data is None or state_cls is None:
         return
+    autos = [state_cls("") for _ in dropdowns]
+    n_rows = len(dropdowns)
 
-    def prefill(current, subjects, evt):
-        if isinstance(current, str) and current.strip():
-            return gr.update()
-        words = suggested_triggers(host, getattr(evt, "value", None), subjects)
-        return gr.update(value=words) if words else gr.update()
+    for i, dropdown in enumerate(dropdowns):
+        event = getattr(dropdown, event_name, None)
+        if event is None:
+            continue
 
-    # gradio passes the event data to the parameter annotated with SelectData (a class object, not a string).
-    prefill.__annotations__ = {"current": str, "subjects": str, "evt": select_data}
-    event(fn=prefill, inputs=[triggers, subjects_box], outputs=[triggers], show_progress=False)
+        def prefill(evt, current, auto, *subjects, _i=i):
+            others = [s for j, s in enumerate(subjects) if j != _i]
+            new = _auto_trigger(current, auto, suggested_triggers(sources, getattr(evt, "value", None),
+                                                                  subjects[_i] if _i < len(subjects) else "", others))
+            if new is None:
+                return gr.update(), gr.update()
+            return gr.update(value=new), new
+
+        # gradio passes the event data to the parameter annotated with SelectData (a class object, not a string).
+        prefill.__annotations__ = {"evt": select_data}
+        event(fn=prefill, inputs=[trigger_boxes[i], autos[i], *subject_boxes], outputs=[trigger_boxes[i], autos[i]],
+              show_progress=False)
+
+    def retrigger(*values):
+        loras = values[:n_rows]
+        subjects = values[n_rows:2 * n_rows]
+        current = values[2 * n_rows:3 * n_rows]
+        auto = values[3 * n_rows:4 * n_rows]
+        boxes, states = [], []
+        for i in range(n_rows):
+            filled = auto[i] if isinstance(auto[i], str) else ""
+            if not filled or current[i] != filled:  # nothing auto-filled here, or the user changed it
+                boxes.append(gr.update())
+                states.append(gr.update())
+                continue
+            others = [s for j, s in enumerate(subjects) if j != i]
+            new = suggested_triggers(sources, loras[i], subjects[i], others)
+            boxes.append(gr.update(value=new))
+            states.append(new)
+        return [*boxes, *states]
+
+    for box in subject_boxes:
+        event = getattr(box, "blur", None) or getattr(box, "change", None)
+        if event is not None:
+            event(fn=retrigger, inputs=[*dropdowns, *subject_boxes, *trigger_boxes, *autos],
+                  outputs=[*trigger_boxes, *autos], show_progress=False)

@@ -60,7 +60,8 @@ class CloraScript(scripts.Script):
         from clora.ui import build_ui
 
         d = self.detection
-        components, fields = build_ui(is_img2img, d.host, message=d.message)
+        sources = glue.trigger_sources if d.host is not None else None
+        components, fields = build_ui(is_img2img, d.host, message=d.message, trigger_sources=sources)
         self.infotext_fields = fields
         self.paste_field_names = [key for _, key in fields]
         return components

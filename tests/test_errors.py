@@ -110,13 +110,18 @@ def test_failures_while_preparing_keep_one_prefix():
         def before_process_batch(self, p, settings):
             raise CloraError("Could not find the text encoder of this model.")
 
-    p, host = FakeP(), Failing()
+    expected = "CLoRA: Failed while preparing the prompts: Could not find the text encoder of this model."
+    p, host = FakeP(), Failing()  # the UI: stopped before sampling, the message among the comments
+    glue.on_process(p, args_for(CAT_DOG), host)
+    glue.on_before_process_batch(p, host)
+    assert p.prompts == [] and list(p.comments) == [expected]
+    p, host = FakeP(is_api=True), Failing()  # the API: raised from sampling
     glue.on_process(p, args_for(CAT_DOG), host)
     glue.on_before_process_batch(p, host)
     glue.on_process_batch(p, host)
     with pytest.raises(CloraError) as e:
         p.sample()
-    assert str(e.value) == "CLoRA: Failed while preparing the prompts: Could not find the text encoder of this model."
+    assert str(e.value) == expected
     assert_user_facing(str(e.value))
 
 
@@ -218,3 +223,15 @@ def test_cli_reports_each_kind_of_bad_input_with_one_prefix(tmp_path, capsys):
         line = _cli_error(argv, capsys)
         assert line.startswith(expected), (kind, line)
         assert_user_facing(line)
+
+
+def test_bug_messages_are_user_facing_and_say_what_to_send():
+    from clora.errors import ISSUES_URL, bug_message
+
+    for error in (RuntimeError("No cross-attention maps were captured at 3x4"), KeyError("x"), ValueError(""),
+                  AttributeError("a " * 400)):
+        message = bug_message(error, "preparing this batch")
+        assert_user_facing(message)
+        assert message.startswith(f"CLoRA: Unexpected error while preparing this batch ({type(error).__name__}: ")
+        assert ISSUES_URL in message and "console output" in message and len(message) < 700
+        assert user_message(message) == message

@@ -411,25 +411,64 @@ def test_build_ui_smoke():
     assert all("value" not in u for u in out[1: 1 + 2 * 5])
     assert remove(1)[0] == 1  # at least one binding row stays
 
-    # trigger prefill: only into an empty box; a failing host gives nothing
-    prefill = _fn(demo, "prefill")[0]
+    # trigger auto-fill (one 'select' listener per row): evt, the row's trigger box, its auto-filled text, and the
+    # subject boxes of all rows; returns the trigger box update and the new auto-filled text
+    prefills = _fn(demo, "prefill")
+    assert len(prefills) == MAX_BINDINGS
+    prefill = prefills[0]
 
     class Evt:
         def __init__(self, value):
             self.value = value
 
-    assert prefill("", "", Evt("cat_v1")).get("value") == "sks"
+    def subjects(*first):
+        return list(first) + [""] * (MAX_BINDINGS - len(first))
+
+    box, auto = prefill(Evt("cat_v1"), "", "", *subjects(""))
+    assert box.get("value") == "sks" and auto == "sks"
     # the binding's own subject is taken out of a suggested tag ("sks dog" bound to "dog" -> "sks")
-    assert prefill("", "dog", Evt("dog_v1")).get("value") == "sks"
-    assert prefill("", "", Evt("dog_v1")).get("value") == "sks dog"
+    assert prefill(Evt("dog_v1"), "", "", *subjects("dog"))[0].get("value") == "sks"
+    assert prefill(Evt("dog_v1"), "", "", *subjects(""))[0].get("value") == "sks dog"
+    # never a trigger containing another binding's subject word (README: cat and dog)
+    box, auto = prefill(Evt("dog_v1"), "", "", *subjects("cat", "dog"))
+    assert box.get("value") == "" and auto == ""
+    assert prefills[1](Evt("dog_v1"), "", "", *subjects("cat", "dog"))[0].get("value") == "sks"
+    # another LoRA replaces what was filled in automatically, also by nothing (a LoRA without metadata)...
+    assert prefill(Evt("dog_v1"), "sks", "sks", *subjects(""))[0].get("value") == "sks dog"
+    box, auto = prefill(Evt("plain_v1"), "sks", "sks", *subjects(""))
+    assert box.get("value") == "" and auto == ""
+    # ... but never what the user typed, and a failing host changes nothing the user typed either
+    box, auto = prefill(Evt("dog_v1"), "mine", "sks", *subjects(""))
+    assert "value" not in box and "value" not in auto
+    assert "value" not in prefill(Evt("broken"), "mine", "", *subjects(""))[0]
+    assert prefill(Evt("broken"), "", "", *subjects(""))[0].get("value") == ""
     # gradio hands the select event's data to the parameter annotated with SelectData
     from gradio.helpers import special_args
 
     b1_lora = comps[ARG_NAMES.index("b1_lora")]
-    filled, *_ = special_args(prefill, ["", "cat"], None, gr.SelectData(b1_lora, {"index": 1, "value": "cat_v1"}))
-    assert prefill(*filled).get("value") == "sks"
-    assert "value" not in prefill("mine", "", Evt("cat_v1"))
-    assert "value" not in prefill("", "", Evt("broken"))
+    filled, *_ = special_args(prefill, ["", "", *subjects("cat")], None,
+                              gr.SelectData(b1_lora, {"index": 1, "value": "cat_v1"}))
+    assert prefill(*filled)[0].get("value") == "sks"
+
+    # a subject box losing focus re-suggests the rows that still hold auto-filled text
+    (retrigger,) = _fn(demo, "retrigger")[:1]
+    none = ["None"] * (MAX_BINDINGS - 2)
+    blank = [""] * (MAX_BINDINGS - 2)
+    out = retrigger("dog_v1", "dog_v1", *none, "", "dog", *blank, "sks dog", "mine", *blank, "sks dog", "", *blank)
+    boxes, autos = out[:MAX_BINDINGS], out[MAX_BINDINGS:]
+    assert boxes[0].get("value") == "" and autos[0] == ""  # withdrawn: "dog" is now binding 2's subject
+    assert "value" not in boxes[1] and "value" not in autos[1]  # typed by the user
+    out = retrigger("dog_v1", "None", *none, "dog", "", *blank, "sks dog", "", *blank, "sks dog", "", *blank)
+    assert out[0].get("value") == "sks" and out[MAX_BINDINGS] == "sks"
+
+    # the style row's Subjects box is shown only for "these subjects"
+    s1_subjects = comps[ARG_NAMES.index("s1_subjects")]
+    assert s1_subjects.visible is False
+    mode_changed = _fn(demo, "style_mode_changed")
+    assert len(mode_changed) == MAX_STYLES
+    assert mode_changed[0]("subjects")["visible"] is True
+    assert mode_changed[0]("these subjects")["visible"] is True
+    assert mode_changed[0]("whole")["visible"] is False
 
     host.names.append("owl_v2")
     refreshed = _fn(demo, "refresh_lists")[0]()

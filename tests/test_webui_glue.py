@@ -47,13 +47,19 @@ def fake_modules_package(monkeypatch) -> types.ModuleType:
 
 
 class FakeP:
-    """The processing object: only what the glue reads and writes."""
+    """The processing object: only what the glue reads and writes (``is_api``: set by the WebUI's API)."""
 
-    def __init__(self, prompt="a cat and a dog", steps=4):
+    def __init__(self, prompt="a cat and a dog", steps=4, is_api=False):
         self.prompt = prompt
         self.prompts = [prompt]
         self.steps = steps
         self.extra_generation_params = {}
+        self.comments = {}
+        if is_api:
+            self.is_api = True
+
+    def comment(self, text):
+        self.comments[text] = 1
 
     def sample(self, *args, **kwargs):
         return "sampled"
@@ -208,7 +214,14 @@ def test_sample_with_a_prepared_error_raises_before_touching_the_host(monkeypatc
 # ----- the error path: a subject word missing from the prompt ------------------------------------------------------
 
 
-def test_missing_word_raises_at_sampling_through_the_script_hooks(monkeypatch):
+def one_console_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_word_in_the_ui_stops_before_sampling_with_one_console_line(monkeypatch, capsys):
     install_prepare_fakes(monkeypatch)
     host = A1111Host()
     p = FakeP("a cat on a sofa")
@@ -218,12 +231,38 @@ def test_missing_word_raises_at_sampling_through_the_script_hooks(monkeypatch):
     glue.on_process(p, args_for(settings), host)
     assert p.extra_generation_params["CLoRA 2 subject"] == "horse"
     glue.on_before_process_batch(p, host)
+    # the WebUI's batch loop stops on an empty prompt list (before extra networks, process_batch and sampling)
+    assert p.prompts == []
+    line = one_console_line(capsys)
+    assert line.startswith("CLoRA: 'horse' (LoRA 'horse_v1') is not in the prompt")
+    assert list(p.comments) == [line]  # shown under the gallery
+    # the check ran on a copy: nothing of the host's preparation is left on p
+    assert "sample" not in p.__dict__ and host.run_of(p) is None and p.sample() == "sampled"
+
+
+def test_missing_word_through_the_api_is_a_422_error(monkeypatch, capsys):
+    from fastapi import HTTPException
+
+    install_prepare_fakes(monkeypatch)
+    host = A1111Host()
+    p = FakeP("a cat on a sofa", is_api=True)
+    p.sd_model = fake_sd_model()
+    settings = CloraSettings(enabled=True, bindings=(Binding("cat_v1", ("cat",)), Binding("horse_v1", ("horse",))))
+
+    glue.on_process(p, args_for(settings), host)
+    glue.on_before_process_batch(p, host)
+    assert p.prompts == ["a cat on a sofa"]  # the API reports through p.sample
     glue.on_process_batch(p, host)
     assert glue.state_of(p).error is None  # the host keeps the problem in its run and raises it at sampling
-    with pytest.raises(CloraError, match="'horse'.*not in the prompt"):
+    with pytest.raises(CloraError, match="'horse'.*not in the prompt") as e:
         p.sample(conditioning=None)
-    host.postprocess_batch(p)
-    assert p.sample() == "sampled"  # the per-p replacement is gone; the class method is back in effect
+    # FastAPI's HTTPException: both hosts answer it with its status and no traceback
+    assert isinstance(e.value, HTTPException) and e.value.status_code == 422
+    assert e.value.detail == str(e.value) and str(e.value).startswith("CLoRA: 'horse'")
+    assert type(e.value).__name__ == "CloraError" and e.value.__cause__ is None
+    assert one_console_line(capsys) == str(e.value)
+    glue.on_postprocess_batch(p, host)
+    assert p.sample() == "sampled"  # the per-p replacements are gone; the class method is back in effect
 
 
 def test_dropped_modules_reach_the_console_and_the_infotext(monkeypatch, tmp_path, caplog):
@@ -281,19 +320,124 @@ def test_dropped_modules_reach_the_console_and_the_infotext(monkeypatch, tmp_pat
         "incomplete modules are ignored (e.g. lora_unet_conv_in.on_input).")
 
 
-def test_settings_error_raises_at_sampling(monkeypatch):
-    p = FakeP()
+def test_settings_error(capsys):
     a = args_for(CloraSettings())
     a[ARG_NAMES.index("enabled")] = True
     a[ARG_NAMES.index("b1_lora")] = "cat_v1"  # no subject word
     host = A1111Host()
-    state = glue.on_process(p, a, host)
-    assert state.settings is None and "no subject word" in str(state.error)
-    assert p.extra_generation_params == {}
+    for api in (False, True):
+        p = FakeP(is_api=api)
+        state = glue.on_process(p, a, host)
+        assert state.settings is None and "no subject word" in str(state.error)
+        assert p.extra_generation_params == {}
+        glue.on_before_process_batch(p, host)
+        if not api:
+            assert p.prompts == [] and one_console_line(capsys).startswith("CLoRA: Binding 1 (LoRA 'cat_v1')")
+            continue
+        glue.on_process_batch(p, host)
+        with pytest.raises(CloraError, match=r"^CLoRA: Binding 1 \(LoRA 'cat_v1'\): no subject word") as e:
+            p.sample()
+        assert e.value.status_code == 422
+
+
+def test_switched_on_with_nothing_chosen_generates_without_clora(capsys):
+    """Opening the accordion ticks CLoRA on (the WebUI's InputAccordion); with no LoRA chosen that means off."""
+    a = args_for(CloraSettings())
+    a[ARG_NAMES.index("enabled")] = True
+    for form in (a, [{"enabled": True}], [{"enabled": True, "bindings": []}]):
+        p = FakeP()
+        assert glue.on_process(p, form, A1111Host()) is None
+        assert p.extra_generation_params == {"CLoRA note": glue.NOTHING_CHOSEN_NOTE}
+        assert one_console_line(capsys) == "CLoRA: It is switched on, but no LoRA is chosen: generating without CLoRA."
+        glue.on_before_process_batch(p, A1111Host())
+        glue.on_process_batch(p, A1111Host())
+        assert p.prompts == [p.prompt] and p.sample() == "sampled"
+    # pasting that infotext restores CLoRA off
+    from clora.ui import paste_value
+
+    assert paste_value("enabled", {"CLoRA note": glue.NOTHING_CHOSEN_NOTE}) is False
+    # a row that is only half filled is a mistake to report, not "nothing chosen"
+    a[ARG_NAMES.index("b1_subjects")] = "cat"
+    p = FakeP()
+    state = glue.on_process(p, a, A1111Host())
+    assert state is not None and "LoRA" in str(state.error)
+    # a style LoRA alone is chosen too (and refused: no binding)
+    p = FakeP()
+    assert glue.on_process(p, [{"enabled": True, "styles": [{"lora": "ink"}]}], A1111Host()).error is not None
+
+
+def test_hires_prompt_of_its_own_is_noted_in_the_infotext():
+    for hr_prompt, noted in (("a cat and a dog", False), ("", False), ("a painting of a cat and a dog", True)):
+        p = FakeP()
+        p.enable_hr, p.hr_prompt = True, hr_prompt
+        glue.on_process(p, args_for(CAT_DOG), A1111Host())
+        assert (p.extra_generation_params.get("CLoRA hires") == glue.HIRES_NOTE) is noted
+        assert p.extra_generation_params["CLoRA 1 LoRA"] == "cat_v1"
+    p = FakeP()
+    p.enable_hr, p.hr_prompt = False, "something else"
+    glue.on_process(p, args_for(CAT_DOG), A1111Host())
+    assert "CLoRA hires" not in p.extra_generation_params
+
+
+class _SampleFails:
+    """A host whose sampling raises ``error`` (as a bug or a host exception would, from inside the sampler)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def before_process_batch(self, p, settings):
+        pass
+
+    def process_batch(self, p, settings):
+        def sample(*args, **kwargs):
+            raise self.error
+
+        p.sample = sample
+
+    def postprocess_batch(self, p):
+        p.__dict__.pop("sample", None)
+
+    def run_of(self, p):
+        return None
+
+
+def _sample_error(error, api):
+    p = FakeP(is_api=api)
+    host = _SampleFails(error)
+    glue.on_process(p, args_for(CAT_DOG), host)
     glue.on_before_process_batch(p, host)
     glue.on_process_batch(p, host)
-    with pytest.raises(CloraError, match=r"^CLoRA: Binding 1 \(LoRA 'cat_v1'\): no subject word"):
+    with pytest.raises(BaseException) as e:
         p.sample()
+    return e.value
+
+
+@pytest.mark.parametrize("api", [False, True])
+def test_an_internal_error_while_sampling_becomes_a_bug_report(api):
+    original = RuntimeError("No cross-attention maps were captured at 3x4; did a UNet pass run inside the capture?")
+    raised = _sample_error(original, api)
+    shown = f"{type(raised).__name__}: {raised}"  # how the WebUI's UI shows an exception
+    message = shown if not api else str(raised)
+    assert message.startswith("CLoRA: Unexpected error while generating (RuntimeError: No cross-attention maps")
+    assert message.count("CLoRA:") == 1 and "/issues" in message and "console output" in message
+    assert raised.__cause__ is original  # its traceback stays in the console
+    assert getattr(raised, "status_code", 500) == 500  # a bug is not the request's fault
+
+
+def test_a_users_mistake_found_while_sampling_reads_with_one_prefix_in_the_ui():
+    raised = _sample_error(CloraError("AND-composed prompts are not supported."), api=False)
+    assert f"{type(raised).__name__}: {raised}" == "CLoRA: AND-composed prompts are not supported."
+    assert isinstance(raised, CloraError) and raised.message == "CLoRA: AND-composed prompts are not supported."
+    raised = _sample_error(CloraError("AND-composed prompts are not supported."), api=True)
+    assert str(raised) == "CLoRA: AND-composed prompts are not supported." and raised.status_code == 422
+
+
+def test_the_webuis_own_exceptions_pass_through_unchanged():
+    interrupted = type("InterruptedException", (BaseException,), {"__module__": "modules.sd_samplers_common"})()
+    nans = type("NansException", (Exception,), {"__module__": "modules.devices"})("A tensor with all NaNs")
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    for error in (interrupted, nans, oom):
+        assert _sample_error(error, api=False) is error
 
 
 def test_disabled_does_nothing():
@@ -331,19 +475,28 @@ class RecordingHost:
 
 
 @pytest.mark.parametrize("fail_in", ["before_process_batch", "process_batch"])
-def test_unexpected_host_failure_reaches_the_user(fail_in):
+def test_unexpected_host_failure_reaches_the_user_as_a_bug_report(fail_in):
     p, host = FakeP(), RecordingHost(fail_in)
     glue.on_process(p, args_for(CAT_DOG), host)
     glue.on_before_process_batch(p, host)
+    assert p.prompts == [p.prompt]  # a bug is not stopped quietly: it is raised, with its traceback
     glue.on_process_batch(p, host)
-    with pytest.raises(CloraError, match="cond_stage_model"):
+    with pytest.raises(CloraError, match="cond_stage_model") as e:
         p.sample()
+    shown = f"{type(e.value).__name__}: {e.value}"
+    doing = "preparing the prompts" if fail_in == "before_process_batch" else "preparing this batch"
+    assert shown.startswith(f"CLoRA: Unexpected error while {doing} (AttributeError: ")
+    assert "/issues" in shown and isinstance(e.value.__cause__, AttributeError)
 
 
-def test_unavailable_host_reaches_the_user():
+def test_unavailable_host_reaches_the_user(capsys):
     p = FakeP()
     glue.on_process(p, args_for(CAT_DOG), None, "Forge is not supported yet.")
     assert p.extra_generation_params["CLoRA"] is True
+    glue.on_before_process_batch(p, None)
+    assert p.prompts == [] and one_console_line(capsys) == "CLoRA: Forge is not supported yet."
+    p = FakeP(is_api=True)
+    glue.on_process(p, args_for(CAT_DOG), None, "Forge is not supported yet.")
     glue.on_before_process_batch(p, None)
     glue.on_process_batch(p, None)
     with pytest.raises(CloraError, match=r"^CLoRA: Forge is not supported yet\.$"):
@@ -456,12 +609,12 @@ def test_previews_collected_per_batch_and_appended():
     previews = glue.state_of(p).previews
     assert len(previews) == 2 * B  # mask overlay + attention grid per image
     overlay = previews[0]
-    assert overlay.size == (64, 64)
+    assert overlay.width == 64 and overlay.height > 64  # the image, then its colour key below
     # left half is binding 1's region: tinted towards its palette colour, so it differs from the image there
     import numpy as np
 
     base = (images[0].permute(1, 2, 0).numpy() * 255).round()
-    diff = np.abs(np.asarray(overlay, dtype=np.float64) - base)[16:, :, :]  # below the legend strip
+    diff = np.abs(np.asarray(overlay, dtype=np.float64)[:64] - base)
     assert diff[:, :28].mean() > 5 and diff[:, 36:].mean() > 5
 
     processed = SimpleNamespace(images=["img0", "img1"], infotexts=["info0", "info1"])
@@ -548,7 +701,9 @@ def test_script_module(monkeypatch):
     script.process_batch(p, *args, batch_number=0, prompts=p.prompts, seeds=[1], subseeds=[1])
     script.postprocess_batch(p, *args, images=torch.zeros(1, 3, 8, 8), batch_number=0)
     script.postprocess(p, SimpleNamespace(images=[], infotexts=[]), *args)
-    assert host.calls == ["before_process_batch", "process_batch", "postprocess_batch"]
+    # the UI checks each batch first with the host's own preparation on a copy of p (then undone)
+    assert host.calls == ["before_process_batch", "process_batch", "postprocess_batch", "process_batch",
+                          "postprocess_batch"]
     assert p.extra_generation_params["CLoRA 1 LoRA"] == "cat_v1"
 
 
@@ -558,3 +713,41 @@ def test_script_module_registers_callbacks_in_a_webui(monkeypatch):
     app = FakeApp()
     registered["app_started"](None, app)
     assert sorted(r.path for r in app.routes) == ["/clora/loras", "/clora/schema"]
+
+
+def test_refused_request_answer_over_http(capsys):
+    """A FastAPI app with each host's error handling answers the refused request with 422 and the message under
+    ``detail`` (Forge: FastAPI's own HTTPException handler; A1111 1.8: its api_middleware's handle_exception,
+    whose fields are repeated here), and prints nothing itself."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    message = "CLoRA: 'horse' (LoRA 'cat_v1') is not in the prompt."
+
+    def refuse():
+        raise glue.request_error(message)
+
+    def forge_handler(request: Request, e: Exception):  # Forge's webui.py _handle_exception (for Exception)
+        info = vars(e)
+        return JSONResponse(status_code=int(info.get("status_code", 500)),
+                            content={"error": type(e).__name__, "detail": info.get("detail", ""),
+                                     "body": info.get("body", ""), "message": str(e)})
+
+    forge = FastAPI(exception_handlers={Exception: forge_handler})
+    forge.add_api_route("/sdapi/v1/txt2img", refuse, methods=["POST"])
+    r = TestClient(forge).post("/sdapi/v1/txt2img")
+    assert r.status_code == 422 and r.json() == {"detail": message}
+
+    a1111 = FastAPI()
+
+    @a1111.exception_handler(HTTPException)
+    async def handle(request: Request, e: HTTPException):  # A1111 1.8 modules/api/api.py handle_exception
+        return JSONResponse(status_code=vars(e).get("status_code", 500),
+                            content={"error": type(e).__name__, "detail": vars(e).get("detail", ""),
+                                     "body": vars(e).get("body", ""), "errors": str(e)})
+
+    a1111.add_api_route("/sdapi/v1/txt2img", refuse, methods=["POST"])
+    r = TestClient(a1111).post("/sdapi/v1/txt2img")
+    assert r.status_code == 422
+    assert r.json() == {"error": "CloraError", "detail": message, "body": "", "errors": message}

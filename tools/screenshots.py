@@ -272,6 +272,92 @@ def ui_screenshots(
             ctx.close()
 
 
+# ----- trigger auto-fill, the mask overlay's colour key, an input error (UI) ----------------------------------------
+
+
+def wait_value(page, elem_id: str, timeout_ms: int = 15_000) -> str:
+    """The value of a textbox once the server has filled it in (or "" after ``timeout_ms``)."""
+    box = page.locator(f"#{elem_id} textarea")
+    with contextlib.suppress(Exception):
+        box.evaluate("(e, ms) => new Promise(ok => { const t0 = Date.now(); const tick = () => "
+                     "(e.value || Date.now() - t0 > ms) ? ok() : setTimeout(tick, 100); tick(); })", timeout_ms)
+    return box.input_value()
+
+
+def type_subject(page, elem_id: str, value: str) -> None:
+    """Type subject words and leave the box (as a user does: the auto-filled triggers are re-checked on leaving)."""
+    box = page.locator(f"#{elem_id} textarea")
+    box.fill(value)
+    box.press("Tab")
+    page.wait_for_timeout(1500)  # the server's answer to the blur event (no DOM signal to wait for)
+
+
+def fill_auto_triggers(page, loras: tuple[str, str]) -> tuple[str, str]:
+    """Bind loras[0] -> cat and loras[1] -> dog as a user would (pick the LoRA, then type the subject) and keep the
+    trigger words CLoRA fills in.  Returns them."""
+    page.locator("#txt2img_prompt textarea").fill(PROMPT)
+    set_number(page, "txt2img_steps", 12)
+    set_number(page, "txt2img_width", 256)
+    set_number(page, "txt2img_height", 256)
+    page.locator("#txt2img_seed input").fill(str(SEED))
+    pick(page, "txt2img_sampling", "Euler a")
+    page.locator("#clora_txt2img_enabled .label-wrap").first.click()
+    page.wait_for_selector("#clora_txt2img_b1_row", state="visible")
+    pick(page, "clora_txt2img_b1_lora", loras[0])
+    wait_value(page, "clora_txt2img_b1_triggers")
+    type_subject(page, "clora_txt2img_b1_subjects", "cat")
+    page.locator("#clora_txt2img_add_binding").click()
+    page.wait_for_selector("#clora_txt2img_b2_row", state="visible")
+    pick(page, "clora_txt2img_b2_lora", loras[1])
+    wait_value(page, "clora_txt2img_b2_triggers")
+    type_subject(page, "clora_txt2img_b2_subjects", "dog")
+    return (page.locator("#clora_txt2img_b1_triggers textarea").input_value(),
+            page.locator("#clora_txt2img_b2_triggers textarea").input_value())
+
+
+def ui_issue12_screenshots(url: str, chromium: str, loras: tuple[str, str], out_dir: Path, max_bytes: int,
+                           mask_threshold: float, prefix: str = "a1111") -> None:
+    """``<prefix>-triggers.png`` (the accordion with both trigger boxes auto-filled), ``<prefix>-mask-key.png``
+    (the mask overlay with its colour key, after generating), ``<prefix>-previews.png`` (the attention grid with its
+    key) and ``<prefix>-input-error.png`` (a subject word missing from the prompt, as the UI shows it)."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="clora-shots-") as profile, sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=list(CHROMIUM_FLAGS),
+            viewport={"width": 1400, "height": 1000}, device_scale_factor=1,
+        )
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            page.goto(url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector("#clora_txt2img_enabled", state="visible")
+            triggers = fill_auto_triggers(page, loras)
+            print(f"auto-filled trigger words: {triggers}")
+            save_png(page.locator("#clora_txt2img_enabled").screenshot(), out_dir / f"{prefix}-triggers.png",
+                     max_bytes)
+            generate_with_previews(page, mask_threshold)
+            shoot_tab(page, out_dir / f"{prefix}-previews.png", max_bytes)
+            page.locator("#txt2img_gallery .thumbnails .thumbnail-item").nth(1).click()  # the mask overlay
+            page.wait_for_timeout(500)
+            save_png(page.locator("#txt2img_gallery").screenshot(), out_dir / f"{prefix}-mask-key.png", max_bytes)
+
+            # an input error: binding 2's subject is not in the prompt
+            type_subject(page, "clora_txt2img_b2_subjects", "horse")
+            page.locator("#txt2img_generate").click()
+            page.wait_for_function(
+                "() => { const l = gradioApp().querySelector('#html_log_txt2img');"
+                " return l && l.textContent.includes('CLoRA:'); }", timeout=GENERATE_TIMEOUT_MS)
+            page.wait_for_function(  # the progress display is gone again
+                "() => { const b = gradioApp().querySelector('#txt2img_interrupt');"
+                " return !b || b.offsetParent === null; }", timeout=GENERATE_TIMEOUT_MS)
+            page.wait_for_timeout(1000)
+            print("UI message:", page.locator("#html_log_txt2img").last.inner_text().strip())
+            save_png(page.locator("#tab_txt2img").screenshot(), out_dir / f"{prefix}-input-error.png", max_bytes)
+        finally:
+            ctx.close()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("url", help="the running WebUI, e.g. http://127.0.0.1:7860")
@@ -283,7 +369,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--max-bytes", type=int, default=1_000_000, help="shrink images above this size")
     ap.add_argument("--mask-threshold", type=float, default=0.85,
                     help="CLoRA's mask threshold λ for the previews screenshot (default 0.85)")
-    ap.add_argument("--only", choices=("ui", "xyz"), help="take only the UI screenshots or only the grid")
+    ap.add_argument("--only", choices=("ui", "xyz", "issue12"),
+                    help="take only the UI screenshots, only the grid, or only the trigger/mask-key/input-error ones")
     ap.add_argument("--prefix", default="a1111", help="file name prefix (a1111, forge)")
     ap.add_argument("--no-generate", action="store_true", help="only the accordion, no generation with previews")
     args = ap.parse_args(argv)
@@ -296,6 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.only in (None, "ui"):
             ui_screenshots(url, args.chromium, loras, args.out, args.max_bytes, args.mask_threshold,
                            prefix=args.prefix, generate=not args.no_generate)
+        if args.only == "issue12":
+            ui_issue12_screenshots(url, args.chromium, loras, args.out, args.max_bytes, args.mask_threshold,
+                                   prefix=args.prefix)
         if args.only in (None, "xyz"):
             xyz_grid(url, loras, options, args.max_bytes, args.out / f"{args.prefix}-xyz.png")
     return 0

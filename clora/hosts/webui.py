@@ -7,18 +7,34 @@ the few host objects it touches as arguments (``p``, ``processed``, the host glu
 Per-generation state lives on the processing object ``p`` (attribute `STATE_ATTR`), never in this module:
 a copied ``p`` (X/Y/Z plot cells) starts from its own settings.
 
-Errors: the WebUI catches and merely logs exceptions from script hooks, which would make CLoRA silently do nothing.
-So a problem found in a hook (bad settings, unsupported host, a failure while preparing) is kept and raised as
-`CloraError` from ``p.sample`` when sampling starts: the UI shows it and the API returns it.
+Errors: the WebUI catches and merely logs exceptions from script hooks, which would make CLoRA silently do nothing;
+and whatever a generation raises, the WebUI prints with its whole traceback (A1111's ``call_queue.wrap_gradio_call``
+and API handler, Forge's ``main_thread`` and uvicorn) and shows as ``"<exception type>: <message>"``.  So:
+
+* a user's mistake found before a batch samples (bad settings, an unsupported host, anything the host's preparation
+  refuses: a subject word not in the prompt, an unknown LoRA, ...) is, in the UI (``p.is_api`` false), one console
+  line plus the same ``CLoRA: ...`` text among the generation's comments under the gallery, and the generation stops
+  cleanly before sampling (`stop_quietly`: the batch's prompt list is emptied, which ends the WebUI's batch loop);
+  through the API it is raised from ``p.sample`` as an HTTP 422 error (`request_error`: a `CloraError` that is also
+  FastAPI's ``HTTPException``, which both hosts answer without a traceback), with one console line;
+* a mistake found only while sampling is raised from ``p.sample``: in the UI as `ShownError` (named so that the UI
+  reads ``CLoRA: <message>`` once), through the API as the 422 error;
+* any other exception raised while CLoRA is on (a bug) becomes `clora.errors.bug_message` (what to send where) and
+  keeps its traceback in the console; the WebUI's own interruptions and out-of-memory errors pass through unchanged.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from ..errors import detail, user_message
+from ..errors import bug_message, detail, user_message
+from ..lora.types import LoraError
+from ..prompts import PromptError
 from ..settings import CloraSettings, SettingsError
-from ..ui import ARG_NAMES, args_to_settings, is_enabled
+from ..ui import ARG_NAMES, args_to_settings, is_enabled, nothing_chosen
 from .common import CloraError
 
 __all__ = [
@@ -32,6 +48,14 @@ __all__ = [
     "on_postprocess_batch",
     "on_postprocess",
     "install_error",
+    "USER_ERRORS",
+    "REFUSED_STATUS",
+    "ShownError",
+    "request_error",
+    "error_for",
+    "stop_quietly",
+    "preflight",
+    "trigger_sources",
     "set_override",
     "AXES",
     "register_xyz_axes",
@@ -46,11 +70,21 @@ STATE_ATTR = "_clora_state"
 UNAVAILABLE = "Cannot run in this WebUI."
 #: ``p.clora_overrides``: argument name -> value, applied over the UI's arguments (X/Y/Z plot cells set it).
 OVERRIDES_ATTR = "clora_overrides"
+#: The exception types whose messages are meant for the user (a mistake to fix, not a bug).
+USER_ERRORS: tuple[type, ...] = (CloraError, SettingsError, PromptError, LoraError)
+#: HTTP status of an API request CLoRA refuses (a mistake in the request or the setup): Unprocessable Content.
+REFUSED_STATUS = 422
+#: Infotext notes (keys the settings ignore when pasted).
+NOTE_KEY = "CLoRA note"
+HIRES_KEY = "CLoRA hires"
+NOTHING_CHOSEN_NOTE = "switched on without a LoRA chosen: not applied"
+NOTHING_CHOSEN = "It is switched on, but no LoRA is chosen: generating without CLoRA."
+HIRES_NOTE = "second pass without CLoRA (the hires prompt differs)"
 
 
 @dataclass
 class ScriptState:
-    """CLoRA's state for one generation (one ``p``): the settings, or the error to raise at sampling."""
+    """CLoRA's state for one generation (one ``p``): the settings, or the error to report."""
 
     settings: Optional[CloraSettings]
     error: Optional[Exception] = None
@@ -61,6 +95,10 @@ def state_of(p: Any) -> Optional[ScriptState]:
     return getattr(p, STATE_ATTR, None)
 
 
+class _Bug(CloraError):
+    """A `CloraError` carrying `clora.errors.bug_message` for an unexpected exception (its ``__cause__``)."""
+
+
 def _user_error(error: Exception) -> CloraError:
     """``error`` as a `CloraError`, whose message has the user-facing form (`clora.errors.user_message`)."""
     if isinstance(error, CloraError):
@@ -68,14 +106,181 @@ def _user_error(error: Exception) -> CloraError:
     return CloraError(error)
 
 
+def _prepare_error(error: Exception, doing: str) -> CloraError:
+    """A failure of the host glue while ``doing``: the user's mistake in its own words, anything else as a bug."""
+    if isinstance(error, USER_ERRORS):
+        return CloraError(f"Failed while {doing}: {detail(error)}")
+    bug = _Bug(bug_message(error, doing))
+    bug.__cause__ = error
+    return bug
+
+
 def install_error(p: Any, error: Exception) -> None:
     """Make this generation's sampling raise ``error`` (as `CloraError`), so the user sees it."""
     exc = _user_error(error)
+    cause = error if error is not exc else exc.__cause__
 
     def sample(*args: Any, **kwargs: Any):
-        raise exc from (error if error is not exc else None)
+        raise exc from cause
 
     p.sample = sample  # an attribute of this p only; the class method is untouched
+
+
+def is_api(p: Any) -> bool:
+    """Whether ``p`` came through the WebUI's API (A1111 1.8 and Forge set ``p.is_api``)."""
+    return getattr(p, "is_api", False) is True
+
+
+def console(message: str) -> None:
+    """One line in the WebUI's console (stderr, where the WebUI prints its own errors)."""
+    print(" ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
+class ShownError(CloraError):
+    """Raised towards the WebUI's UI, which shows an exception as ``"<type name>: <message>"``: the type is named
+    ``CLoRA`` and the message is the text after the prefix, so the UI reads ``CLoRA: <message>`` exactly once.
+    ``message`` holds the whole user-facing text."""
+
+    def __init__(self, message: Any = "") -> None:
+        super().__init__(message)
+        self.message = self.args[0]
+
+    def __str__(self) -> str:
+        return detail(self.message)
+
+
+ShownError.__name__ = ShownError.__qualname__ = "CLoRA"
+
+
+@functools.lru_cache(maxsize=None)
+def _request_error_class() -> Optional[type]:
+    """`CloraError` + FastAPI's ``HTTPException`` (None without FastAPI).  Made once; named ``CloraError``, which is
+    what the API's ``error`` field showed before."""
+    try:
+        from fastapi import HTTPException
+    except Exception:  # no FastAPI: not inside a WebUI
+        return None
+
+    class CloraRequestError(CloraError, HTTPException):
+        def __init__(self, message: Any = "") -> None:
+            CloraError.__init__(self, message)
+            self.status_code = REFUSED_STATUS
+            self.detail = self.args[0]
+            self.headers = None
+
+        def __str__(self) -> str:
+            return self.args[0]
+
+        def __repr__(self) -> str:
+            return f"CloraError({self.args[0]!r})"
+
+    CloraRequestError.__name__ = CloraRequestError.__qualname__ = "CloraError"
+    return CloraRequestError
+
+
+def request_error(message: Any) -> CloraError:
+    """The exception for a refused API request: HTTP `REFUSED_STATUS`, the message under ``detail`` (both hosts;
+    A1111 repeats it under ``errors``), no traceback in the console.  A plain `CloraError` without FastAPI."""
+    cls = _request_error_class()
+    return cls(message) if cls is not None else CloraError(message)
+
+
+def _passes_through(error: BaseException) -> bool:
+    """The WebUI's own exceptions (interrupt/skip, NaN check: defined in its ``modules``) and out-of-memory errors
+    are not CLoRA's to reword."""
+    module = getattr(type(error), "__module__", "") or ""
+    if module == "modules" or module.startswith("modules."):
+        return True
+    try:
+        import torch
+
+        oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t is not None)
+    except Exception:
+        oom = ()
+    return bool(oom) and isinstance(error, oom)
+
+
+def error_for(p: Any, error: BaseException) -> BaseException:
+    """What sampling raises, for ``error`` raised inside it while CLoRA is on (see the module docstring)."""
+    if _passes_through(error) or isinstance(error, ShownError) or getattr(error, "status_code", None) == REFUSED_STATUS:
+        return error
+    if isinstance(error, USER_ERRORS) and not isinstance(error, _Bug):
+        message = user_message(error)
+        if is_api(p):
+            console(message)
+            return request_error(message)
+        return ShownError(message)
+    message = str(error) if isinstance(error, _Bug) else bug_message(error)
+    return CloraError(message) if is_api(p) else ShownError(message)
+
+
+def _guard_sample(p: Any) -> None:
+    """Wrap this ``p``'s sampling (an attribute of this p only) so that what it raises reaches the user in the form
+    `error_for` gives.  Removed by `on_postprocess_batch` (or with ``p`` at the end of the generation)."""
+    inner = p.sample
+
+    def sample(*args: Any, **kwargs: Any):
+        try:
+            return inner(*args, **kwargs)
+        except Exception as exc:
+            raised = error_for(p, exc)
+            if raised is exc:
+                raise
+            cause = exc.__cause__ if isinstance(exc, _Bug) else (None if isinstance(exc, USER_ERRORS) else exc)
+            raise raised from cause
+
+    sample.clora_guard = True  # type: ignore[attr-defined]
+    p.sample = sample
+
+
+def stop_quietly(p: Any, error: Exception) -> None:
+    """End this generation before it samples, for a user's mistake in the UI: one console line, the message among
+    the generation's comments (shown under the gallery), and an empty prompt list for this batch, on which the
+    WebUI's batch loop stops (A1111 1.8 and Forge: ``if len(p.prompts) == 0: break`` after
+    ``before_process_batch``).  Images of earlier batches are kept."""
+    message = user_message(error)
+    console(message)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(message)
+    p.prompts = []
+
+
+def _parsed_prompts(p: Any) -> list[Any]:
+    """This batch's prompts as the host will see them in ``process_batch``: ``<lora:...>`` tags parsed out."""
+    prompts = list(getattr(p, "prompts", []) or [])
+    try:
+        from modules import extra_networks  # type: ignore
+
+        return list(extra_networks.parse_prompts(prompts)[0])
+    except Exception:  # not in a WebUI, or another parser: the prompts as they are
+        return prompts
+
+
+def preflight(p: Any, host: Any, settings: CloraSettings) -> Optional[Exception]:
+    """The user's mistake this batch would be refused for, found before the batch starts (or None).
+
+    Runs the host's own ``process_batch`` on a shallow copy of ``p`` whose prompts are parsed as the host will see
+    them, then its ``postprocess_batch`` on that copy: the same checks as the real preparation, with nothing of it
+    kept on ``p``.  An unexpected failure here gives None: the real preparation reports it, with its traceback."""
+    view = copy.copy(p)
+    view.prompts = _parsed_prompts(p)
+    run = None
+    try:
+        host.process_batch(view, settings)
+        run = host.run_of(view)
+    except USER_ERRORS as exc:
+        return exc
+    except Exception:
+        return None
+    finally:
+        try:
+            host.postprocess_batch(view)
+        except Exception:
+            pass
+    error = getattr(run, "error", None)
+    return error if isinstance(error, USER_ERRORS) else None
 
 
 # ----- the script's hooks --------------------------------------------------------------------------------------
@@ -91,6 +296,12 @@ def on_process(p: Any, args: Sequence[Any], host: Any, unavailable: str = "") ->
     if not is_enabled(args, overrides):
         setattr(p, STATE_ATTR, None)
         return None
+    if nothing_chosen(args, overrides):
+        # The WebUI's InputAccordion ticks CLoRA on when it is opened: on with nothing chosen means off, said once.
+        setattr(p, STATE_ATTR, None)
+        p.extra_generation_params[NOTE_KEY] = NOTHING_CHOSEN_NOTE
+        console(user_message(NOTHING_CHOSEN))
+        return None
     try:
         settings = args_to_settings(args, overrides)
     except SettingsError as exc:
@@ -99,8 +310,19 @@ def on_process(p: Any, args: Sequence[Any], host: Any, unavailable: str = "") ->
         error = None if host is not None else CloraError(unavailable or UNAVAILABLE)
         state = ScriptState(settings=settings, error=error)
         _set_infotext(p, settings.to_flat())
+        if _hires_prompt_differs(p):
+            p.extra_generation_params[HIRES_KEY] = HIRES_NOTE
     setattr(p, STATE_ATTR, state)
     return state
+
+
+def _hires_prompt_differs(p: Any) -> bool:
+    """Hires fix on with a hires prompt of its own: the hosts run the second pass without CLoRA (the same test as
+    theirs; the WebUI has filled ``hr_prompt`` in from the prompt when it was left empty before ``process``)."""
+    if not getattr(p, "enable_hr", False):
+        return False
+    hr_prompt = getattr(p, "hr_prompt", "")
+    return hr_prompt not in ("", getattr(p, "prompt", ""))
 
 
 def _is_clora_key(key: Any) -> bool:
@@ -118,13 +340,24 @@ def _set_infotext(p: Any, flat: dict[str, Any]) -> None:
 
 
 def on_before_process_batch(p: Any, host: Any) -> None:
+    """Strip bound ``<lora:>`` tags (host); in the UI, also check this batch now and stop before it samples when the
+    user has to fix something (`preflight`, `stop_quietly`)."""
     state = state_of(p)
-    if state is None or state.error is not None or host is None:
+    if state is None:
         return
-    try:
-        host.before_process_batch(p, state.settings)
-    except Exception as exc:  # the WebUI would only log it and generate without CLoRA
-        state.error = CloraError(f"Failed while preparing the prompts: {detail(exc)}")
+    if state.error is None and host is not None:
+        try:
+            host.before_process_batch(p, state.settings)
+        except Exception as exc:  # the WebUI would only log it and generate without CLoRA
+            state.error = _prepare_error(exc, "preparing the prompts")
+    if is_api(p):
+        return  # the API reports through p.sample, as an HTTP error
+    if state.error is None and host is not None and state.settings is not None:
+        found = preflight(p, host, state.settings)
+        if found is not None:
+            state.error = found
+    if state.error is not None and not isinstance(state.error, _Bug):
+        stop_quietly(p, state.error)
 
 
 def on_process_batch(p: Any, host: Any) -> None:
@@ -135,9 +368,10 @@ def on_process_batch(p: Any, host: Any) -> None:
         try:
             host.process_batch(p, state.settings)
         except Exception as exc:  # see on_before_process_batch
-            state.error = CloraError(f"Failed while preparing this batch: {detail(exc)}")
+            state.error = _prepare_error(exc, "preparing this batch")
     if state.error is not None:
         install_error(p, state.error)
+    _guard_sample(p)
 
 
 def on_postprocess_batch(p: Any, host: Any, images: Any = None) -> None:
@@ -152,6 +386,9 @@ def on_postprocess_batch(p: Any, host: Any, images: Any = None) -> None:
         p.extra_generation_params["CLoRA previews"] = f"not available ({exc})"
     finally:
         host.postprocess_batch(p)
+        sample = getattr(p, "__dict__", {}).get("sample")
+        if getattr(sample, "clora_guard", False):
+            del p.sample
 
 
 def on_postprocess(p: Any, processed: Any) -> None:
@@ -165,6 +402,18 @@ def on_postprocess(p: Any, processed: Any) -> None:
     if isinstance(infotexts, list):
         infotexts.extend([info] * len(state.previews))
     state.previews = []
+
+
+# ----- trigger words ---------------------------------------------------------------------------------------------
+
+
+def trigger_sources(name: str) -> list[Any]:
+    """The trigger-word sources of LoRA ``name`` from the WebUI's LoRA folder (`clora.triggers.trigger_sources`):
+    the file's header and its sidecars only, never its tensors.  Raises `LoraError` for an unknown name."""
+    from ..triggers import trigger_sources as sources_of_file
+    from .a1111 import find_lora_file  # the WebUI's LoRA index; Forge shares it
+
+    return sources_of_file(find_lora_file(name))
 
 
 # ----- previews ------------------------------------------------------------------------------------------------
@@ -202,7 +451,7 @@ def build_previews(run: Any, settings: CloraSettings, images: Any = None) -> lis
     out = []
     for i in range(masks.shape[0]):
         if images is not None and i < len(images):
-            out.append(mask_overlay(_to_pil(images[i]), masks[i], labels))
+            out.append(mask_overlay(_to_pil(images[i]), masks[i], labels, concepts=concepts))
         if maps is not None and i < maps.shape[0]:
             out.append(attention_grid(maps[i], run.variants.groups, concepts, labels, masks=masks[i]))
     return out

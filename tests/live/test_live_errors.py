@@ -1,5 +1,5 @@
-"""Live: each bad CLoRA input gives an error response whose message names the problem, and the server then still
-generates normally (the same image as before, pixel for pixel)."""
+"""Live: each bad CLoRA input gives an HTTP 422 error response whose message (under ``detail``) names the problem, and
+the server then still generates normally (the same image as before, pixel for pixel)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -60,6 +60,10 @@ CASES: dict[str, Callable[[Any], tuple[list[Any], dict[str, Any], list[str]]]] =
 def _assert_error_then_normal(webui: WebUI, reference, args, changes, expected: list[str]) -> None:
     r = webui.generate(args, **changes)
     assert not r.ok, f"expected an error response, got {r.status} with {len(r.body.get('images', []))} image(s)"
+    # a refused input: 422 with the message under "detail" on both hosts (A1111 repeats it under "errors")
+    assert r.status == 422, f"expected HTTP 422 for a refused input, got {r.status}: {r.error_text()}"
+    detail = r.body.get("detail", "") if isinstance(r.body, dict) else ""
+    assert detail.startswith("CLoRA: ") and detail.count("CLoRA:") == 1, f"not one 'CLoRA: ' message: {r.body!r}"
     message = r.error_text()
     for part in expected:
         assert part.lower() in message.lower(), f"the error message does not name {part!r}: {message!r}"
