@@ -155,7 +155,7 @@ def reference_clora_ddim(lm, loras, settings, steps, cfg, seed, *, maps_rows=("u
                 eps, maps = all_passes(zg, True)
                 loss = _ntxent(maps, variants.groups, settings.temperature)
                 (g,) = torch.autograd.grad(loss, zg)
-                rec["losses"].append(float(loss))
+                rec["losses"].append(float(loss.detach()))
                 z = (z - settings.step_size * g).detach()
             eps = [e.detach() for e in eps]
             maps = [m.detach() for m in maps]
