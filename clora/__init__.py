@@ -8,7 +8,7 @@ The public pieces, importable without a WebUI (torch, numpy and safetensors only
 from __future__ import annotations
 
 from .attention import AttentionCapture, map_size
-from .compose import ComposePlan, Composer, StepRecord, build_compose_plan
+from .compose import ComposePlan, Composer, NonFiniteError, StepRecord, build_compose_plan
 from .lora.files import load_lora
 from .lora.rows import LoraRows, RowPlan
 from .loss import concept_loss, contrastive_loss
@@ -18,7 +18,7 @@ from .settings import Binding, CloraSettings, StyleLora
 from .update import latent_step
 
 __all__ = [
-    "AttentionCapture", "map_size", "ComposePlan", "Composer", "StepRecord", "build_compose_plan", "load_lora",
+    "AttentionCapture", "map_size", "ComposePlan", "Composer", "NonFiniteError", "StepRecord", "build_compose_plan", "load_lora",
     "LoraRows", "RowPlan", "concept_loss", "contrastive_loss", "fusion_masks", "build_variants", "Binding",
     "CloraSettings", "StyleLora", "latent_step",
 ]

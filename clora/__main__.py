@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
+    from .compose import NonFiniteError
     from .errors import user_message
     from .preview import attention_grid, mask_overlay
     from .runner import generate, load_model
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
             plain_loras=args.lora_tag,
         )
-    except (ValueError, OSError) as exc:  # LoraError, RunnerError, SettingsError, PromptError are ValueErrors
+    except (ValueError, OSError, NonFiniteError) as exc:  # LoraError, RunnerError, ... are ValueErrors
         print(user_message(exc), file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -25,6 +25,7 @@ variant's negative prompt may be encoded with that variant's text-encoder LoRA),
 from __future__ import annotations
 
 import contextlib
+import math
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -38,10 +39,21 @@ from .masks import fuse, fusion_masks
 from .settings import CloraSettings
 from .update import latent_step
 
-__all__ = ["ComposePlan", "Composer", "StepRecord", "ModelFn", "mask_iou", "concept_iou", "build_compose_plan"]
+__all__ = [
+    "ComposePlan", "Composer", "StepRecord", "ModelFn", "NonFiniteError", "mask_iou", "concept_iou", "build_compose_plan",
+]
 
 #: ``model(x_rows, sigma_rows, cond_rows) -> prediction_rows`` (x0 for k-diffusion, eps for eps-space samplers).
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteError(RuntimeError):
+    """A prediction, gradient or latent of a CLoRA step is NaN or infinite: the generation stops with this message
+    instead of sampling on to a black (or noise) image."""
+
+
+def _finite(t: Optional[torch.Tensor]) -> bool:
+    return t is None or bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True)
@@ -399,8 +411,19 @@ class Composer:
             if i == 0:
                 record.loss_before = loss
             record.losses.append(loss)
+            if not (math.isfinite(loss) and _finite(grad)):
+                raise NonFiniteError(
+                    f"The contrastive loss or its gradient at step {step + 1} is not finite (NaN or inf), so the "
+                    "latent cannot be updated. Check the image without CLoRA; if that is fine, lower the step size "
+                    "or the LoRA weights."
+                )
             before = x.detach().clone() if full else None
             x.copy_(latent_step(x, grad, self.settings.step_size, sigma=sigma, space=self.space))
+            if not _finite(x):
+                raise NonFiniteError(
+                    f"The latent after the contrastive update at step {step + 1} is not finite (NaN or inf). "
+                    "Lower the step size."
+                )
             record.iterations += 1
             if full:
                 u, c = self._fuse(out, flat, x, step, conds.shape[1], unconds is not None)
@@ -455,12 +478,41 @@ class Composer:
         else:
             self.mean_maps += (maps.detach() - self.mean_maps) / self._maps_seen
 
+        self._check_predictions(out, V, B, has_uncond, step)
         m = masks.transpose(0, 1).to(out.dtype)  # (V, B, 1, H, W)
         n = V * B
         preds_c = out[n:] if has_uncond else out
         fused_c = fuse(preds_c.reshape(V, B, *out.shape[1:]), m)
         fused_u = fuse(out[:n].reshape(V, B, *out.shape[1:]), m) if has_uncond else None
         return fused_u, fused_c
+
+
+    def variant_name(self, v: int) -> str:
+        """How messages name variant ``v``: the base prompt, or the prompt of binding ``v``'s LoRA."""
+        if v == 0:
+            return "the base prompt (no subject LoRA)"
+        bindings = self.settings.bindings
+        if v - 1 < len(bindings):
+            return f"the prompt of LoRA '{bindings[v - 1].lora}'"
+        return f"variant {v}"
+
+    def _check_predictions(self, out: torch.Tensor, V: int, B: int, has_uncond: bool, step: int) -> None:
+        """Raise `NonFiniteError` naming the variants whose predictions (rows ``[uncond × V] [cond × V]``) are NaN
+        or infinite: a black image is never the answer."""
+        if _finite(out):
+            return
+        parts = (("negative prompt", out[: V * B]), ("prompt", out[V * B:])) if has_uncond else (("prompt", out),)
+        bad = []
+        for kind, rows in parts:
+            for v in range(V):
+                if not _finite(rows[v * B:(v + 1) * B]):
+                    name = self.variant_name(v)
+                    bad.append(name if kind == "prompt" else f"{name}, negative prompt")
+        raise NonFiniteError(
+            f"The UNet's prediction at step {step + 1} is not finite (NaN or inf) for {'; '.join(bad)}. "
+            "CLoRA stopped instead of returning a black image. Check the image without CLoRA (a half-precision "
+            "model may need --no-half or upcast attention); otherwise lower that LoRA's weight."
+        )
 
 
 def build_compose_plan(

@@ -284,3 +284,66 @@ def test_denoiser_patch_removed_on_error_and_interrupt(monkeypatch, forge_denois
     plain = SamplingP(mask=MASK)
     plain.sample()  # the host's own forward again
     assert torch.equal(plain.latent, torch.zeros(2, 4, 4, 4))
+
+
+class WrapperCallingDenoiser(ForgeLikeDenoiser):
+    """The Forge-like denoiser that also makes the model call through the UNet patcher's function wrapper."""
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        out = ForgeLikeDenoiser.forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        wrapper = self.p.sd_model.forge_objects.unet.model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            wrapper(lambda x_, t_, **c: x_, {"input": out, "timestep": sigma, "c": {}, "cond_or_uncond": [0]})
+        return out
+
+
+@pytest.mark.parametrize("user_error", [True, False], ids=["user-error", "bug"])
+def test_error_while_patching_stops_sampling_at_the_first_model_call(monkeypatch, forge_denoiser, user_error):
+    """Forge only logs what ``process_before_every_sampling`` raises and samples on: a user's error (e.g. a NaN
+    conditioning) is kept, not raised there (no traceback), and the first model call raises it; a bug is raised
+    there too (Forge prints its traceback) and also stops the sampling at its first model call."""
+    from tests.test_webui_glue import fake_module
+
+    fake_module(monkeypatch, "modules.sd_samplers_cfg_denoiser", CFGDenoiser=WrapperCallingDenoiser)
+    monkeypatch.setattr(ForgeRun, "prepare", lambda self: None)
+    monkeypatch.setattr(ForgeRun, "_should_stop", lambda self: False)
+    error = CloraError("The text encoder gave non-finite values (NaN or inf).") if user_error else KeyError("boom")
+
+    def encode(self, steps):
+        raise error
+
+    monkeypatch.setattr(ForgeRun, "encode_variants", encode, raising=False)
+    host = ForgeHost()
+    p = SamplingP(host=host, settings=SETTINGS)
+    original_patcher = p.sd_model.forge_objects.unet
+    host.process_batch(p, SETTINGS)
+    forge_hook = host.process_before_every_sampling
+    raised_by_hook = []
+
+    def logging_hook(p_, settings):  # Forge's scripts runner: logs the exception and goes on
+        try:
+            forge_hook(p_, settings)
+        except Exception as exc:
+            raised_by_hook.append(exc)
+
+    host.process_before_every_sampling = logging_hook
+    with pytest.raises(CloraError, match="non-finite" if user_error else "boom"):
+        p.sample()
+    assert p.latents == []  # not one step sampled
+    assert (raised_by_hook == []) == user_error
+    assert original_patcher.model_options == {}  # the host's own patcher untouched (a clone was patched)
+    assert p.sd_model.forge_objects.unet is original_patcher  # and back in place: no patched clone stays
+
+
+def test_patched_clone_is_removed_from_the_shared_model_after_sampling(monkeypatch, forge_denoiser):
+    """Forge's model object outlives the generation: the patched clone (whose callbacks refer to the run) must not
+    stay on it, in any of the ``forge_objects`` the passes used."""
+    p, composer = clora_p(monkeypatch)
+    original_patcher = p.sd_model.forge_objects.unet
+    p.sample()
+    assert composer.updated == [0]
+    assert p.sd_model.forge_objects.unet is original_patcher and original_patcher.model_options == {}
+    run = ForgeHost().run_of(p)
+    assert run.patched == []
+    ForgeHost().postprocess_batch(p)
+    assert ForgeHost().run_of(p) is None and run.composer is None

@@ -751,3 +751,52 @@ def test_refused_request_answer_over_http(capsys):
     r = TestClient(a1111).post("/sdapi/v1/txt2img")
     assert r.status_code == 422
     assert r.json() == {"error": "CloraError", "detail": message, "body": "", "errors": message}
+
+
+# ----- nothing of a generation outlives it -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["success", "error", "interrupt"])
+def test_run_is_released_after_the_batch_without_waiting_for_the_garbage_collector(monkeypatch, cfg_denoiser,
+                                                                                    outcome):
+    """The run and ``p`` refer to each other; the heavy part of the run (the Composer with its maps, the LoRA rows
+    with their prepared factors, the encodings) must be dropped when the batch ends (postprocess_batch after
+    success; at once after an error or interrupt, when the host skips postprocess_batch), not whenever Python's
+    cyclic garbage collector next runs: measured with the collector off."""
+    import gc
+    import weakref
+
+    class Heavy:  # stands for the Composer / LoRA rows / encodings
+        pass
+
+    def prepare(self):
+        self.composer, self.unet_rows, self.variant_schedules = Heavy(), Heavy(), [Heavy()]
+
+    monkeypatch.setattr(A1111Run, "prepare", prepare)
+    monkeypatch.setattr(A1111Run, "encode_variants", lambda self, steps: None, raising=False)
+    host = A1111Host()
+    p = FakeP()
+    host_sample = {"success": lambda *a, **k: "samples", "error": None, "interrupt": None}[outcome]
+    if host_sample is None:
+        exc = RuntimeError("boom") if outcome == "error" else KeyboardInterrupt()
+
+        def host_sample(*a, **k):
+            raise exc
+    p.sample = host_sample
+    host.process_batch(p, CAT_DOG)
+    run = host.run_of(p)
+    refs = [weakref.ref(run.composer), weakref.ref(run.unet_rows), weakref.ref(run.variant_schedules[0])]
+    gc.disable()
+    try:
+        if outcome == "success":
+            assert p.sample() == "samples"
+            assert all(r() is not None for r in refs)  # kept for the previews until the batch ends
+            host.postprocess_batch(p)
+            assert host.run_of(p) is None and "sample" not in p.__dict__
+        else:
+            with pytest.raises(BaseException):
+                p.sample()
+        del run
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()

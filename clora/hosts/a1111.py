@@ -35,7 +35,7 @@ from ..lora.rows import LoraRows, RowPlan
 from ..lora.types import LoraError, LoraFile
 from ..prompts import PromptError, build_variants
 from ..settings import CloraSettings, SettingsError
-from .common import CloraError, RunReport, pad_tokens, step_from_calls, strip_lora_tags
+from .common import CloraError, RunReport, is_finite_conditioning, pad_tokens, step_from_calls, strip_lora_tags
 
 __all__ = ["is_available", "A1111Tokenizer", "A1111Host", "A1111Run"]
 
@@ -171,6 +171,19 @@ class A1111Run:
         except (CloraError, LoraError, PromptError, SettingsError, ValueError) as exc:
             self.error = exc
 
+    #: what `release` drops: everything that holds tensors, modules or the LoRA files
+    _HEAVY = ("composer", "capture", "unet_rows", "text_targets", "variant_schedules", "negative_schedules", "loras",
+              "unet", "text")
+
+    def release(self) -> None:
+        """Drop what this run holds (the Composer with its maps, the hooks' prepared LoRA factors, the encodings,
+        the LoRA files); its error and report stay.  Called once the batch's sampling and previews are done (or
+        failed), so that nothing of a generation outlives it, whoever keeps ``p`` (the run and ``p`` refer to each
+        other: without this, their memory waits for Python's cyclic garbage collector)."""
+        for name in self._HEAVY:
+            if name in self.__dict__:
+                setattr(self, name, None)
+
     # Host specifics (Forge's run overrides these) ----------------------------------------------------------
     def model_family(self) -> str:
         return _model_family(self.p.sd_model)
@@ -256,6 +269,36 @@ class A1111Run:
                 continue
             by_text = {text: self._encode(text, loras, steps)[0] for text in dict.fromkeys(negatives)}
             self.negative_schedules.append([by_text[t] for t in negatives])
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """A variant conditioning with NaN or inf would sample to a black image: stop with a message instead."""
+        bad = [
+            (v, kind)
+            for kind, schedules in (("prompt", self.variant_schedules), ("negative prompt", self.negative_schedules))
+            for v, sched in enumerate(schedules)
+            if sched is not None and not is_finite_conditioning(sched)
+        ]
+        if not bad:
+            return
+        names = "; ".join(f"the {kind} of {self._variant_name(v)}" for v, kind in bad)
+        hint = "Try a lower text-encoder weight for that LoRA"
+        try:
+            from modules import shared
+
+            if getattr(shared.opts, "emphasis", None) == "Original":
+                hint = ("The 'Original' emphasis mode divides by the conditioning's mean, which fails when that mean is "
+                        "0: try Settings > Stable Diffusion > Emphasis mode 'No norm', or a lower text-encoder weight "
+                        "for that LoRA")
+        except Exception:  # outside a WebUI (tests)
+            pass
+        raise CloraError(f"The text encoder gave non-finite values (NaN or inf) for {names}. {hint}.")
+
+    def _variant_name(self, v: int) -> str:
+        if v == 0:
+            return "the base variant (no subject LoRA)"
+        bindings = self.settings.bindings
+        return f"LoRA '{bindings[v - 1].lora}'" if v - 1 < len(bindings) else f"variant {v}"
 
     def _encode(self, prompt: str, te_loras: list, steps: int) -> list:
         """The host's conditioning schedule of ``prompt`` with ``te_loras`` on every text-encoder row."""
@@ -441,11 +484,24 @@ class A1111Host:
         run.prepare()
         setattr(p, _RUN_ATTR, run)
         original = p.sample  # bound method of this p
-        p.sample = lambda *a, **kw: run.sample(original, *a, **kw)
+
+        def sample(*a, **kw):
+            try:
+                return run.sample(original, *a, **kw)
+            except BaseException:
+                run.release()  # no previews after an error or interrupt: nothing of this run is needed any more
+                raise
+
+        p.sample = sample
 
     def postprocess_batch(self, p) -> None:
+        """After the batch (and its previews): undo what `process_batch` put on ``p`` and release the run."""
         if "sample" in getattr(p, "__dict__", {}):
             del p.sample
+        run = self.run_of(p)
+        if run is not None:
+            run.release()
+            delattr(p, _RUN_ATTR)
 
     def run_of(self, p) -> Optional[A1111Run]:
         return getattr(p, _RUN_ATTR, None)

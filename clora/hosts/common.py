@@ -16,6 +16,7 @@ __all__ = [
     "rows_cond",
     "step_from_calls",
     "RunReport",
+    "is_finite_conditioning",
 ]
 
 
@@ -65,6 +66,19 @@ def pad_tokens(conds: Sequence[torch.Tensor], empty_chunk: Optional[torch.Tensor
             pad = c[:, -1:].expand(-1, missing, -1)
         out.append(torch.cat([c, pad], dim=1))
     return out
+
+
+def is_finite_conditioning(value: Any) -> bool:
+    """Whether every tensor in a host conditioning (a tensor, a dict of tensors such as SDXL's ``crossattn`` and
+    ``vector``, a prompt schedule: lists of objects with a ``cond``) is free of NaN and inf."""
+    if torch.is_tensor(value):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(is_finite_conditioning(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(is_finite_conditioning(v) for v in value)
+    cond = getattr(value, "cond", None)
+    return cond is None or is_finite_conditioning(cond)
 
 
 def rows_cond(template: Any, crossattn: torch.Tensor, index: torch.Tensor, key: str = "c_crossattn") -> Any:

@@ -30,15 +30,19 @@ from typing import Any, Optional
 import torch
 
 from ..attention import map_size
-from ..compose import Composer
+from ..compose import Composer, NonFiniteError
+from ..lora.types import LoraError
+from ..prompts import PromptError
 from ..gradmode import inference_safe_gradients
-from ..settings import CloraSettings
+from ..settings import CloraSettings, SettingsError
 from .a1111 import A1111Host, A1111Run, A1111Tokenizer
 from .common import CloraError, pad_tokens, rows_cond, step_from_calls
 
 __all__ = ["is_available", "ForgeHost", "ForgeRun"]
 
 _RUN_ATTR = "_clora_run"
+#: what `ForgeHost.process_before_every_sampling` reports without a traceback (messages for the user)
+_USER_ERRORS = (CloraError, LoraError, PromptError, SettingsError, NonFiniteError)
 _COND, _UNCOND = 0, 1
 
 
@@ -89,6 +93,8 @@ class ForgeRun(A1111Run):
     pass_state: dict = field(default_factory=dict)
     #: (denoiser, the latent the sampler passed it) during one ``CFGDenoiser.forward`` of this run's sampler
     host_call: Optional[tuple[Any, torch.Tensor]] = None
+    #: (forge_objects, the UNet patcher it had) for every patch this run made, undone by `unpatch_unet`
+    patched: list = field(default_factory=list)
 
     # host specifics ---------------------------------------------------------------------------------------
     def model_family(self) -> str:
@@ -123,6 +129,36 @@ class ForgeRun(A1111Run):
         return tr
 
     # sampling ---------------------------------------------------------------------------------------------
+    def unpatch_unet(self) -> None:
+        """Put back, in every ``forge_objects`` this run patched (Forge makes a new one per pass), the UNet patcher
+        it replaced: the model object is shared by every generation, so no patched clone (which refers to this
+        run) stays on it."""
+        while self.patched:
+            forge_objects, original = self.patched.pop()
+            forge_objects.unet = original
+
+    def release(self) -> None:
+        super().release()
+        self.pass_state = {"applied": self.pass_state.get("applied", 0)}
+        self.host_call = None
+
+    def _patch(self, unet) -> None:
+        """Install ``unet`` (a patched clone) on the model's current ``forge_objects``, remembering what it replaces."""
+        forge_objects = self.p.sd_model.forge_objects
+        self.patched.append((forge_objects, forge_objects.unet))
+        forge_objects.unet = unet
+
+    def refuse_sampling(self) -> None:
+        """Patch a clone of Forge's UNet patcher whose every model call raises this run's error (set, not None)."""
+        p, error = self.p, self.error
+
+        def refuse(apply_model, args):
+            raise CloraError(error) from error
+
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.set_model_unet_function_wrapper(_Shared(refuse))
+        self._patch(unet)
+
     def patch_unet(self) -> None:
         """Before every sampling pass: encode the variants and patch a clone of Forge's UNet patcher."""
         p = self.p
@@ -141,7 +177,7 @@ class ForgeRun(A1111Run):
         unet = p.sd_model.forge_objects.unet.clone()
         unet.add_conditioning_modifier(_Shared(self._conditioning_modifier))
         unet.set_model_unet_function_wrapper(_Shared(self._unet_wrapper))
-        p.sd_model.forge_objects.unet = unet
+        self._patch(unet)
 
     def _denoiser(self):
         sampler = getattr(self.p, "sampler", None)
@@ -310,18 +346,24 @@ class ForgeHost(A1111Host):
         original = p.sample  # bound method of this p; the wrapper is an attribute of this p only
 
         def sample(*a, **kw):
-            if run.error is not None:
-                raise CloraError(run.error) from run.error
-            with run.tracking_sampler_latent():
-                out = original(*a, **kw)
-            # Forge only logs exceptions of process_before_every_sampling: report them here, and never let a
-            # binding be ignored silently (e.g. another extension replaced the UNet patch).
-            if run.error is not None:
-                raise CloraError(run.error) from run.error
-            if not run.pass_state.get("applied") and not run._should_stop():
-                raise CloraError("Not applied: Forge's UNet patch did not run (another extension may have "
-                                 "replaced it).")
-            return out
+            try:
+                if run.error is not None:
+                    raise CloraError(run.error) from run.error
+                with run.tracking_sampler_latent():
+                    out = original(*a, **kw)
+                # Forge only logs exceptions of process_before_every_sampling: report them here, and never let a
+                # binding be ignored silently (e.g. another extension replaced the UNet patch).
+                if run.error is not None:
+                    raise CloraError(run.error) from run.error
+                if not run.pass_state.get("applied") and not run._should_stop():
+                    raise CloraError("Not applied: Forge's UNet patch did not run (another extension may have "
+                                     "replaced it).")
+                return out
+            except BaseException:
+                run.release()  # no previews after an error or interrupt
+                raise
+            finally:
+                run.unpatch_unet()
 
         p.sample = sample
 
@@ -331,6 +373,11 @@ class ForgeHost(A1111Host):
             return
         try:
             run.patch_unet()
-        except Exception as exc:  # Forge only logs it: keep it so that this generation's sampling reports it
+        except Exception as exc:
+            # Forge only logs what this hook raises and samples on: keep the error for this generation's sampling,
+            # which reports it (`sample` above), and make its first model call raise it, so no step is wasted.
             run.error = exc
+            run.refuse_sampling()
+            if isinstance(exc, _USER_ERRORS):
+                return  # a message for the user: reported once by sampling (one console line), no traceback here
             raise CloraError(exc) from exc

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..compose import NonFiniteError
 from ..errors import bug_message, detail, user_message
 from ..lora.types import LoraError
 from ..prompts import PromptError
@@ -70,8 +71,9 @@ STATE_ATTR = "_clora_state"
 UNAVAILABLE = "Cannot run in this WebUI."
 #: ``p.clora_overrides``: argument name -> value, applied over the UI's arguments (X/Y/Z plot cells set it).
 OVERRIDES_ATTR = "clora_overrides"
-#: The exception types whose messages are meant for the user (a mistake to fix, not a bug).
-USER_ERRORS: tuple[type, ...] = (CloraError, SettingsError, PromptError, LoraError)
+#: The exception types whose messages are meant for the user (a mistake to fix, or a NaN/inf result with what to
+#: change; not a bug).
+USER_ERRORS: tuple[type, ...] = (CloraError, SettingsError, PromptError, LoraError, NonFiniteError)
 #: HTTP status of an API request CLoRA refuses (a mistake in the request or the setup): Unprocessable Content.
 REFUSED_STATUS = 422
 #: Infotext notes (keys the settings ignore when pasted).
