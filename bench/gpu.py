@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loras", default="2,4,8", help="LoRA counts to run, comma separated")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--memory-runs", type=int, default=20,
+                    help="CLoRA generations (2 LoRAs) after which allocated memory is recorded (0: skip)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,6 +120,14 @@ def main(argv=None) -> int:
             old = replace(s, maps_from="cond", predict_after_update=True, negative_te_lora=False)
             rows.append((f"  same, previous order", *run(old, files[:n])))
 
+    # memory over time: what stays allocated after each of many CLoRA generations (must not grow)
+    allocated = []
+    if args.memory_runs:
+        s = CloraSettings(enabled=True, bindings=tuple(Binding(w, (w,), "") for w in words[:2]), refine_iters=0)
+        for _ in range(args.memory_runs):
+            run(s, files[:2])
+            allocated.append(torch.cuda.memory_allocated() / 2**20 if cuda else float("nan"))
+
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{args.arch} random weights, {dev}, {str(dtype).split('.')[-1]}, {args.size}x{args.size}, "
           f"{args.steps} steps, CFG {args.cfg}, rank-{args.rank} kohya LoRAs")
@@ -125,8 +135,14 @@ def main(argv=None) -> int:
     plain = rows[0][1]
     for name, t, peak in rows:
         print(f"{name:40s} {t:8.2f} {peak:8.2f} {t / plain:8.2f}")
+    if allocated:
+        print(f"allocated MiB after each of {len(allocated)} CLoRA generations (2 LoRAs): "
+              + " ".join(f"{a:.1f}" for a in allocated) + f"; growth {allocated[-1] - allocated[0]:+.1f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"case": n, "seconds": t, "peak_gb": g} for n, t, g in rows], indent=2))
+        Path(args.json).write_text(json.dumps({
+            "rows": [{"case": n, "seconds": t, "peak_gb": g} for n, t, g in rows],
+            "allocated_mib_after_each_generation": allocated,
+        }, indent=2))
     return 0
 
 
