@@ -296,7 +296,7 @@ class Composer:
     def _unconds(self, x: torch.Tensor, uncond: Optional[CondLike], conds: CondLike) -> Optional[CondLike]:
         """Check the shapes; the negative conditioning as (V, B, T, D) (a shared (B, T, D) one is expanded)."""
         V = self.plan.n_variants
-        if isinstance(conds, Conditioning) != (uncond is None or isinstance(uncond, Conditioning)):
+        if uncond is not None and isinstance(conds, Conditioning) != isinstance(uncond, Conditioning):
             raise ValueError("uncond and conds must both be tensors or both be Conditioning (context + vector)")
         if isinstance(conds, Conditioning) and uncond is not None and uncond.vector.shape[-1] != conds.vector.shape[-1]:
             raise ValueError(f"uncond and cond vectors differ in width ({uncond.vector.shape[-1]} vs "
