@@ -445,3 +445,94 @@ def test_conditioning_shape_errors():
     c = Conditioning(torch.zeros(2, 3, 77, 8), torch.zeros(2, 3, 5))
     assert c.shape == (2, 3, 77, 8) and c.rows().vector.shape == (6, 5)
     assert c.expand_variants(4).vector.shape == (4, 2, 3, 5)
+
+
+def test_vector_rows_without_uncond_rows(oc_model):
+    """At CFG scale 1 (no uncond rows) the model gets the cond rows' vectors, variant-major."""
+    from clora.compose import Conditioning
+
+    unet = oc_model[0]
+    V, B = 3, 2
+    D, Dy = TINY_SDXL["te1"] + TINY_SDXL["te2"], tiny_sdxl_adm_channels()
+    g = torch.Generator().manual_seed(12)
+    conds = Conditioning(torch.randn(V, B, 77, D, generator=g), torch.randn(V, B, Dy, generator=g))
+    seen = []
+
+    def model(x, sigma, cond):
+        seen.append(cond.vector.clone())
+        return unet(x, sigma, context=sdxl_context_arg(unet, cond.crossattn), y=cond.vector)
+
+    comp = _composer(unet, V)
+    comp.batched = True
+    x = torch.randn(B, 4, 16, 16, generator=g)
+    u, c = comp(x, torch.full((B,), 500.0), None, conds, model, 0)
+    assert u is None and c.shape == x.shape
+    assert seen and all(torch.equal(v, conds.vector.flatten(0, 1)) for v in seen)
+    with pytest.raises(ValueError, match="both be tensors or both be Conditioning"):
+        comp(x, torch.full((B,), 500.0), conds.crossattn[0], conds, model, 1)
+
+
+def _open_clip_as_hf(te2):
+    """A transformers CLIPTextModelWithProjection holding the open_clip tower's weights (in_proj split into q/k/v,
+    text_projection transposed): the Forge layout of the same encoder."""
+    from transformers import CLIPTextModelWithProjection
+
+    from tests.models import tiny_clip_g_config
+
+    hf = CLIPTextModelWithProjection(tiny_clip_g_config()).eval().requires_grad_(False)
+    d = TINY_SDXL["te2"]
+    with torch.no_grad():
+        tm = hf.text_model
+        tm.embeddings.token_embedding.weight.copy_(te2.token_embedding.weight)
+        tm.embeddings.position_embedding.weight.copy_(te2.positional_embedding)
+        for i, blk in enumerate(te2.transformer.resblocks):
+            layer = tm.encoder.layers[i]
+            for j, proj in enumerate((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)):
+                proj.weight.copy_(blk.attn.in_proj_weight[j * d:(j + 1) * d])
+                proj.bias.copy_(blk.attn.in_proj_bias[j * d:(j + 1) * d])
+            layer.self_attn.out_proj.weight.copy_(blk.attn.out_proj.weight)
+            layer.self_attn.out_proj.bias.copy_(blk.attn.out_proj.bias)
+            for a, b in ((layer.layer_norm1, blk.ln_1), (layer.layer_norm2, blk.ln_2), (layer.mlp.fc1, blk.mlp.c_fc),
+                         (layer.mlp.fc2, blk.mlp.c_proj)):
+                a.weight.copy_(b.weight)
+                a.bias.copy_(b.bias)
+        tm.final_layer_norm.weight.copy_(te2.ln_final.weight)
+        tm.final_layer_norm.bias.copy_(te2.ln_final.bias)
+        hf.text_projection.weight.copy_(te2.text_projection.T)
+    return hf
+
+
+def test_open_clip_and_hf_layouts_agree_with_the_same_lora(oc_model, sdxl_files):
+    """The same encoder in A1111's layout (open_clip, LoRA through functional calls into the fused in_proj slices)
+    and in Forge's (transformers, LoRA through hooks on q/k/v_proj) gives the same context and pooled output with the
+    same kohya LoRA: an independent check of the q/k/v slice mapping."""
+    import dataclasses
+
+    from clora.lora.files import load_lora
+    from clora.lora.keymap import resolve
+    from clora.lora.rows import LoraRows, RowPlan, targets_of
+    from clora.sdxl import hf_clip_encode, open_clip_encode
+
+    unet, te1, te2 = oc_model
+    hf = _open_clip_as_hf(te2)
+    ids = _ids(2)
+    with torch.no_grad():
+        h_hf, p_hf = hf_clip_encode(hf, ids)
+    h_oc, p_oc = open_clip_encode(te2, ids)
+    base_err = max(float((h_hf - h_oc).abs().max()), float((p_hf - p_oc).abs().max()))
+    assert base_err <= 1e-5, base_err
+
+    lora = load_lora(sdxl_files["kohya"])
+    r_oc = resolve(lora, unet=unet, text_model=te1, text_model_2=te2)
+    r_hf = resolve(lora, unet=unet, text_model=te1, text_model_2=hf)
+    rows = [[(0, 0.9)], [(0, -0.6)]]
+    targets = [dataclasses.replace(t, lora_index=0) for t in r_oc.param_targets]
+    h_oc, p_oc = open_clip_encode(te2, ids, targets, rows)
+    with LoraRows(targets_of([r_hf], "text2")) as lr, torch.no_grad():
+        lr.plan = RowPlan.from_lists(rows)
+        h_hf, p_hf = hf_clip_encode(hf, ids)
+    err = max(float((h_hf - h_oc).abs().max()), float((p_hf - p_oc).abs().max()))
+    moved = float((h_oc - open_clip_encode(te2, ids)[0]).abs().max())
+    assert moved > 1e-2
+    assert err <= 1e-5, err
+    print(f"\nopen_clip (functional) vs HF (hooks) te2 with one LoRA: max abs error {err:.2e} (no LoRA: {base_err:.2e})")
