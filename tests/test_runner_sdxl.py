@@ -253,3 +253,17 @@ def _one_binding():
     from clora.settings import Binding, CloraSettings
 
     return CloraSettings(enabled=True, bindings=(Binding("cat", ("cat",), ""),))
+
+
+def test_ddim_with_clora_updates_the_latent(lm, loras):
+    """DDIM (ε space, SDXL's schedule from `SDXLModel.alphas_cumprod`): the update runs at the scheduled steps and
+    the refinement lowers the loss."""
+    from clora.runner import generate
+
+    kw = dict(loras=[loras["cat"], loras["dog"]], sampler="ddim", steps=4, seed=4, width=SIZE, height=SIZE,
+              progress=False)
+    res = generate(lm, PROMPT, _settings(refine_iters=3), **kw)
+    off = generate(lm, PROMPT, _settings(refine_iters=3, step_size=0.0), **kw)
+    assert [r.step for r in res.history] == [0, 1]
+    assert res.history[0].losses[-1] < res.history[0].losses[0], res.history[0].losses
+    assert torch.isfinite(res.latent).all() and not torch.equal(res.latent, off.latent)
