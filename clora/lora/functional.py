@@ -20,7 +20,7 @@ from torch import nn
 
 from .types import LoraError, LoraModule
 
-__all__ = ["ParamTarget", "lora_parameters", "call_with_loras"]
+__all__ = ["ParamTarget", "lora_parameters", "call_with_loras", "run_with_loras"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,26 @@ def call_with_loras(model: nn.Module, targets: Sequence[ParamTarget], loras: Ite
     if not params:
         return model(*args, **kwargs)
     return torch.func.functional_call(model, params, args, kwargs, strict=False)
+
+
+class _Run(nn.Module):
+    """Holds ``model`` as a child so that ``functional_call`` can give it other parameters while ``fn`` runs."""
+
+    def __init__(self, model: nn.Module, fn) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self) -> Any:
+        return self._fn()
+
+
+def run_with_loras(model: nn.Module, targets: Sequence[ParamTarget], loras: Iterable[tuple[int, float]], fn) -> Any:
+    """``fn()`` (code that calls ``model`` somewhere inside, e.g. a host's own text encoding) while ``model``'s
+    parameters read ``W + ΔW`` for the LoRAs ``loras``: ``torch.func.functional_call`` swaps the parameter attributes
+    for the call and puts the originals back when it ends, also when it raises; nothing is written.  A plain
+    ``fn()`` when no chosen LoRA touches the model."""
+    params = lora_parameters(model, targets, loras)
+    if not params:
+        return fn()
+    return torch.func.functional_call(_Run(model, fn), {f"model.{k}": v for k, v in params.items()}, (), strict=False)
