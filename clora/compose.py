@@ -28,7 +28,7 @@ import contextlib
 import math
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -40,11 +40,91 @@ from .settings import CloraSettings
 from .update import latent_step
 
 __all__ = [
-    "ComposePlan", "Composer", "StepRecord", "ModelFn", "NonFiniteError", "mask_iou", "concept_iou", "build_compose_plan",
+    "ComposePlan", "Composer", "StepRecord", "ModelFn", "Conditioning", "CondLike", "NonFiniteError", "mask_iou",
+    "concept_iou", "build_compose_plan",
 ]
 
-#: ``model(x_rows, sigma_rows, cond_rows) -> prediction_rows`` (x0 for k-diffusion, eps for eps-space samplers).
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Conditioning with a pooled vector beside the cross-attention context (SDXL: ``context`` and ``y``).
+
+    crossattn: ``(..., T, D)`` token embeddings; vector: ``(..., Dy)`` one pooled vector per row.  Both have the same
+    leading dimensions: ``(V, B)`` for the Composer's per-variant inputs, ``(B,)`` for a shared negative prompt,
+    ``(rows,)`` for what the model function receives (row ``r`` gets ``crossattn[r]`` and ``vector[r]``: each
+    variant's rows carry that variant's own vector, gathered exactly like its context).
+
+    It offers the few tensor operations the engine applies to a conditioning (``shape``/``dim`` of the context,
+    ``detach``, ``clone``, ``to``, row indexing, `rows`, `cat`, `expand_variants`), so the engine treats a plain SD1
+    context tensor and this pair alike.  A plain tensor is never wrapped: the SD1 path is unchanged.
+    """
+
+    crossattn: torch.Tensor
+    vector: torch.Tensor
+
+    def __post_init__(self) -> None:
+        lead = self.crossattn.shape[:-2]
+        if self.crossattn.dim() < 3 or self.vector.shape[:-1] != lead:
+            raise ValueError(
+                f"Conditioning: the vector's leading shape {tuple(self.vector.shape[:-1])} must match the context's "
+                f"{tuple(lead)} (context {tuple(self.crossattn.shape)}: (..., T, D); vector: (..., Dy))"
+            )
+
+    # the tensor-like part the engine uses ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        """The context's shape (the engine reads V, B and T from it)."""
+        return self.crossattn.shape
+
+    def dim(self) -> int:
+        return self.crossattn.dim()
+
+    def detach(self) -> "Conditioning":
+        return Conditioning(self.crossattn.detach(), self.vector.detach())
+
+    def clone(self) -> "Conditioning":
+        return Conditioning(self.crossattn.clone(), self.vector.clone())
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(self.crossattn.to(*args, **kwargs), self.vector.to(*args, **kwargs))
+
+    def __getitem__(self, index) -> "Conditioning":
+        """Rows (leading dimension) of both parts."""
+        return Conditioning(self.crossattn[index], self.vector[index])
+
+    def rows(self) -> "Conditioning":
+        """``(V, B, ...)`` -> ``(V*B, ...)``, variant-major (row ``v*B + b``)."""
+        return Conditioning(self.crossattn.flatten(0, 1), self.vector.flatten(0, 1))
+
+    def expand_variants(self, n: int) -> "Conditioning":
+        """A shared ``(B, ...)`` conditioning as ``(n, B, ...)``."""
+        return Conditioning(self.crossattn.unsqueeze(0).expand(n, *self.crossattn.shape),
+                            self.vector.unsqueeze(0).expand(n, *self.vector.shape))
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([p.crossattn for p in parts]), torch.cat([p.vector for p in parts]))
+
+
+#: A conditioning: the context tensor alone (SD 1.x/2.x) or a `Conditioning` (context + pooled vector, SDXL).
+CondLike = Union[torch.Tensor, Conditioning]
+
+#: ``model(x_rows, sigma_rows, cond_rows) -> prediction_rows`` (x0 for k-diffusion, eps for eps-space samplers);
+#: ``cond_rows`` is a tensor when the Composer was given tensors, a `Conditioning` of rows when it was given those.
+ModelFn = Callable[[torch.Tensor, torch.Tensor, CondLike], torch.Tensor]
+
+
+def _flat_rows(c: CondLike) -> CondLike:
+    """``(V, B, ...)`` -> ``(V*B, ...)`` for either kind of conditioning."""
+    return c.rows() if isinstance(c, Conditioning) else c.reshape(-1, *c.shape[2:])
+
+
+def _cat_rows(parts: Sequence[CondLike]) -> CondLike:
+    return Conditioning.cat(parts) if isinstance(parts[0], Conditioning) else torch.cat(list(parts))
+
+
+def _expand_variants(c: CondLike, n: int) -> CondLike:
+    return c.expand_variants(n) if isinstance(c, Conditioning) else c.unsqueeze(0).expand(n, *c.shape)
 
 
 class NonFiniteError(RuntimeError):
@@ -204,8 +284,8 @@ class Composer:
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
-        uncond: Optional[torch.Tensor],
-        conds: torch.Tensor,
+        uncond: Optional[CondLike],
+        conds: CondLike,
         model: ModelFn,
         step: int,
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -216,14 +296,21 @@ class Composer:
         sigma: (B,) noise level (k-diffusion) or timestep (eps-space samplers).
         uncond: (V, B, T, D) one negative-prompt conditioning per variant, or (B, T, D) shared by all, or None
            (no uncond rows: CFG scale 1).  conds: (V, B, T, D) one conditioning per variant.
+           Either may instead be a `Conditioning` (context + pooled vector, SDXL; both or neither): the vector is
+           ``(V, B, Dy)`` (``(B, Dy)`` shared), and the model function then receives a `Conditioning` of rows.
         Returns the fused (uncond, cond) predictions, each (B, C, H, W) (uncond None when ``uncond`` is None).
         """
         self.update(x, sigma, uncond, conds, model, step)
         return self.predict(x, sigma, uncond, conds, model, step)
 
-    def _unconds(self, x: torch.Tensor, uncond: Optional[torch.Tensor], conds: torch.Tensor) -> Optional[torch.Tensor]:
+    def _unconds(self, x: torch.Tensor, uncond: Optional[CondLike], conds: CondLike) -> Optional[CondLike]:
         """Check the shapes; the negative conditioning as (V, B, T, D) (a shared (B, T, D) one is expanded)."""
         V = self.plan.n_variants
+        if uncond is not None and isinstance(conds, Conditioning) != isinstance(uncond, Conditioning):
+            raise ValueError("uncond and conds must both be tensors or both be Conditioning (context + vector)")
+        if isinstance(conds, Conditioning) and uncond is not None and uncond.vector.shape[-1] != conds.vector.shape[-1]:
+            raise ValueError(f"uncond and cond vectors differ in width ({uncond.vector.shape[-1]} vs "
+                             f"{conds.vector.shape[-1]})")
         if conds.dim() < 3 or conds.shape[0] != V:
             raise ValueError(f"expected {V} variant conditionings, got {tuple(conds.shape)}")
         B = x.shape[0]
@@ -232,7 +319,7 @@ class Composer:
         if uncond is None:
             return None
         if uncond.dim() == conds.dim() - 1:
-            uncond = uncond.unsqueeze(0).expand(V, *uncond.shape)
+            uncond = _expand_variants(uncond, V)
         if uncond.shape[:2] != (V, B):
             raise ValueError(f"expected (V={V}, B={B}, ...) negative conditionings, got {tuple(uncond.shape)}")
         if uncond.shape[2:] != conds.shape[2:]:
@@ -245,8 +332,8 @@ class Composer:
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
-        uncond: Optional[torch.Tensor],
-        conds: torch.Tensor,
+        uncond: Optional[CondLike],
+        conds: CondLike,
         model: ModelFn,
         step: int,
     ) -> bool:
@@ -265,8 +352,8 @@ class Composer:
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
-        uncond: Optional[torch.Tensor],
-        conds: torch.Tensor,
+        uncond: Optional[CondLike],
+        conds: CondLike,
         model: ModelFn,
         step: int,
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -357,9 +444,9 @@ class Composer:
         reps = [1] * (x.dim() - 1)
         x_in = x.repeat(parts * V, *reps)
         sigma_in = sigma.repeat(parts * V)
-        cond_rows = conds.reshape(V * B, *conds.shape[2:])
+        cond_rows = _flat_rows(conds)
         if with_uncond:
-            cond_rows = torch.cat([unconds.reshape(V * B, *unconds.shape[2:]), cond_rows])
+            cond_rows = _cat_rows([_flat_rows(unconds), cond_rows])
         self.call_uncond_rows = V * B if with_uncond else 0
         return x_in, sigma_in, cond_rows, self.plan.row_plan(B, uncond=with_uncond, cond=True)
 

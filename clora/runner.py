@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .attention import AttentionCapture, map_size
-from .compose import Composer, StepRecord, build_compose_plan
+from .compose import Composer, Conditioning, StepRecord, build_compose_plan
 from .lora.files import check_family, load_lora
 from .lora.keymap import resolve
 from .lora.rows import LoraRows, RowPlan
@@ -36,7 +36,7 @@ from .prompts import HFPromptTokenizer, build_variants
 from .settings import CloraSettings
 
 __all__ = [
-    "SAMPLERS", "LoadedModel", "load_model", "generate", "GenerationResult", "RunnerError", "map_size", "ddim_timesteps",
+    "SAMPLERS", "LoadedModel", "SDXLModel", "load_model", "unet_family", "checkpoint_family", "generate", "GenerationResult", "RunnerError", "map_size", "ddim_timesteps",
     "sample_ddim",
 ]
 
@@ -96,12 +96,154 @@ class LoadedModel:
         return self.model.alphas_cumprod
 
 
+_CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
 def unet_family(unet: torch.nn.Module) -> str:
-    """Model family from the UNet's cross-attention context width (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+    """Model family from the UNet's cross-attention context width (768 SD1.x, 1024 SD2.x, 2048 SDXL); a UNet of
+    another width that takes a pooled vector through a linear ``label_emb`` (SDXL's ``y``; the tiny test SDXL) is
+    "sdxl" too, any other "unknown"."""
     for name, mod in unet.named_modules():
         if name.endswith("attn2.to_k") and isinstance(mod, torch.nn.Linear):
-            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(mod.in_features, "unknown")
+            family = _CONTEXT_WIDTHS.get(mod.in_features, "unknown")
+            if family == "unknown" and _takes_vector(unet):
+                return "sdxl"
+            return family
     return "unknown"
+
+
+def _takes_vector(unet: torch.nn.Module) -> bool:
+    emb = getattr(unet, "label_emb", None)
+    return emb is not None and any(isinstance(m, torch.nn.Linear) and m.in_features > 1 for m in emb.modules())
+
+
+def checkpoint_family(state: dict) -> str:
+    """Model family of a single-file checkpoint's state dict, from shapes: the width of the UNet's cross-attention
+    context (``attn2.to_k.weight`` input: 768 SD1.x, 1024 SD2.x, 2048 SDXL); a checkpoint with a second text encoder
+    (``conditioner.embedders.1.*``) and a ``label_emb`` is SDXL whatever its width (the tiny test SDXL)."""
+    width = None
+    for key, t in state.items():
+        if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight"):
+            width = int(t.shape[1])
+            break
+    family = _CONTEXT_WIDTHS.get(width or -1, "unknown")
+    if family == "unknown" and any(k.startswith("conditioner.embedders.1.") for k in state) and any(
+            k.startswith("model.diffusion_model.label_emb.") for k in state):
+        return "sdxl"
+    return family
+
+
+def _batch(c, n: int):
+    """``(N, ...)`` encodings (a tensor or a `Conditioning`) -> ``(N, n, ...)``: each repeated for ``n`` images."""
+    if isinstance(c, Conditioning):
+        return Conditioning(_batch(c.crossattn, n), _batch(c.vector, n))
+    return c.unsqueeze(1).expand(-1, n, *c.shape[1:]).contiguous()
+
+
+def _cat(parts):
+    return Conditioning.cat(parts) if isinstance(parts[0], Conditioning) else torch.cat(list(parts))
+
+
+class _EpsModel(torch.nn.Module):
+    """What k-diffusion's ``CompVisDenoiser`` needs of an SDXL model: ``alphas_cumprod`` and
+    ``apply_model(x, t, cond)`` with ``cond`` a `Conditioning` (context + ``y``)."""
+
+    def __init__(self, sdxl: "SDXLModel"):
+        super().__init__()
+        self.sdxl = sdxl
+        self.register_buffer("alphas_cumprod", sdxl.alphas_cumprod, persistent=False)
+
+    def apply_model(self, x, t, cond):
+        return self.sdxl.eps(x, t, cond)
+
+
+@dataclass
+class SDXLModel:
+    """An SDXL model from its parts, with what `generate` needs (the interface of `LoadedModel`).
+
+    unet: an ldm-style ``UNetModel`` taking ``context`` and ``y`` (``label_emb``).
+    text_model: the first text encoder, a transformers ``CLIPTextModel`` (SDXL's CLIP-L).
+    text_model_2: the second, a transformers ``CLIPTextModelWithProjection`` (Forge's clip_g) or an open_clip
+        ``TextTransformer`` (A1111/sgm).  LoRAs reach the first and an HF second encoder through per-row hooks, an
+        open_clip one through ``functional_call`` (`clora.sdxl.open_clip_encode`).
+    tokenizer_obj: transformers' CLIP tokenizer (both encoders take the same ids here; padded to ``max_tokens``).
+    vae: decodes ``latent / scale_factor`` (an ldm ``AutoencoderKL``); None: images are the latent's first three
+        channels (for tests that do not look at pixels).
+    layer: hidden layer of both encoders used as context (-2: the penultimate, as SDXL).
+    size_dim: Fourier features per size scalar in ``y`` (256 for SDXL).
+    context_arg: turns the context tensor into what the UNet's ``context`` argument takes (the installed ldm's
+        depth > 1 transformers want one entry per block; None: the tensor itself).
+
+    ``y`` = te2 pooled ⊕ Fourier(original h, w) ⊕ Fourier(crop top, left) ⊕ Fourier(target h, w) with original =
+    target = the image size and crop (0, 0), as the WebUIs call SDXL for txt2img.
+    """
+
+    unet: torch.nn.Module
+    text_model: torch.nn.Module
+    text_model_2: torch.nn.Module
+    tokenizer_obj: object
+    vae: Optional[torch.nn.Module] = None
+    scale_factor: float = 0.13025
+    layer: int = -2
+    size_dim: int = 256
+    context_arg: Optional[Callable[[torch.Tensor], object]] = None
+    family: str = "sdxl"
+    map_downscale: int = 4
+    latent_channels: int = 4
+    latent_factor: int = 8
+    max_tokens: int = 77
+
+    def __post_init__(self) -> None:
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SDXL's scaled-linear
+        self._alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def tokenizer(self):
+        return HFPromptTokenizer(self.tokenizer_obj)
+
+    def token_ids(self, texts: Sequence[str]) -> torch.Tensor:
+        out = self.tokenizer_obj(list(texts), padding="max_length", max_length=self.max_tokens, truncation=True,
+                                 return_tensors="pt")
+        return out["input_ids"]
+
+    def encode(self, texts: Sequence[str], size: Sequence[int] = (1024, 1024), row_loras=None,
+               param_targets: Sequence = ()) -> Conditioning:
+        """Context ``(N, T, D1 + D2)`` and ``y`` ``(N, P + 6·size_dim)`` for ``texts``; ``size`` = (height, width)
+        of the image.  ``row_loras[r]`` / ``param_targets``: the LoRAs of row ``r`` on an open_clip second encoder
+        (the hooked encoders get theirs from the caller's `LoraRows`)."""
+        from .sdxl import hf_clip_encode, open_clip_encode, size_vector
+        from .lora.keymap import is_open_clip_text
+
+        dev = next(self.text_model.parameters()).device
+        ids = self.token_ids(texts).to(dev)
+        h1, _ = hf_clip_encode(self.text_model, ids, self.layer)
+        if is_open_clip_text(self.text_model_2):
+            if self.layer != -2:
+                raise RunnerError("An open_clip second text encoder gives its penultimate layer only (layer -2).")
+            h2, pooled = open_clip_encode(self.text_model_2, ids, param_targets, row_loras)
+        else:
+            h2, pooled = hf_clip_encode(self.text_model_2, ids, self.layer)
+        h, w = int(size[0]), int(size[1])
+        sizes = size_vector(ids.shape[0], (h, w), (0, 0), (h, w), self.size_dim, device=pooled.device,
+                            dtype=pooled.dtype)
+        return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), torch.cat([pooled, sizes], dim=-1))
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        ctx = cond.crossattn if self.context_arg is None else self.context_arg(cond.crossattn)
+        return self.unet(x, t, context=ctx, y=cond.vector)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latent[:, :3].clamp(-1, 1)
+        return self.vae.decode(latent / self.scale_factor)
+
+    def denoiser(self):
+        import k_diffusion as K
+
+        return K.external.CompVisDenoiser(_EpsModel(self))
 
 
 def load_model(checkpoint: str | Path, config: str | Path | None = None, device: str = "cpu") -> LoadedModel:
@@ -122,9 +264,14 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
         config = checkpoint.with_suffix(".yaml")
         if not config.exists():
             config = Path(__file__).parent / "configs" / "v1-inference.yaml"
+    state = load_file(str(checkpoint))
+    if checkpoint_family(state) == "sdxl":
+        raise RunnerError(
+            f"Checkpoint {checkpoint.name} is an SDXL model; load_model reads SD 1.x single-file checkpoints. For SDXL, "
+            "build a clora.runner.SDXLModel from its modules (UNet, both text encoders, VAE)."
+        )
     cfg = OmegaConf.load(str(config))
     model = instantiate_from_config(cfg.model)
-    state = load_file(str(checkpoint))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
@@ -308,17 +455,34 @@ def _pick(by_name: dict[str, LoraFile], names: Sequence[str]) -> list[LoraFile]:
     return [by_name[n] for n in names]
 
 
-def _targets(lm: LoadedModel, ordered: Sequence[LoraFile]):
+def _targets(lm: LoadedModel, ordered: Sequence[LoraFile], param_targets: Optional[list] = None):
     """LoRA targets split by component: (unet targets, text targets) as (module, lora_index, LoraModule), and the
-    notes of what is not applied (`resolve` logs each as a warning too)."""
+    notes of what is not applied (`resolve` logs each as a warning too).  Text targets include an SDXL model's second
+    encoder when it takes hooks; the `ParamTarget`s of an open_clip second encoder are appended to ``param_targets``
+    (with their LoRA's index)."""
+    import dataclasses
+
     unet_t, text_t, notes = [], [], []
+    te2 = getattr(lm, "text_model_2", None)
     for idx, lora in enumerate(ordered):
-        res = resolve(lora, unet=lm.unet, text_model=lm.text_model)
+        res = resolve(lora, unet=lm.unet, text_model=lm.text_model, text_model_2=te2)
         for component, _path, module, lmod in res.targets:
             (unet_t if component == "unet" else text_t).append((module, idx, lmod))
+        if param_targets is not None:
+            param_targets.extend(dataclasses.replace(t, lora_index=idx) for t in res.param_targets)
+        elif res.param_targets:
+            raise RunnerError("internal: open_clip LoRA targets without a place to go")
         if res.note is not None:
             notes.append(res.note)
     return unet_t, text_t, notes
+
+
+def _encode(lm, texts: Sequence[str], size: Sequence[int], row_loras=None, param_targets: Sequence = ()):
+    """``lm.encode(texts)``; an SDXL model also gets the image size (for ``y``) and the per-row LoRAs of an open_clip
+    second encoder."""
+    if isinstance(lm, SDXLModel):
+        return lm.encode(texts, size=size, row_loras=row_loras, param_targets=param_targets)
+    return lm.encode(texts)
 
 
 def _check_length(lm: LoadedModel, what: str, chunks: Sequence[Sequence[int]]) -> None:
@@ -443,13 +607,14 @@ def generate(
     if not active:
         # Plain LoRAs act on every row: the text encoder's (cond and uncond prompts) and the UNet's.
         every = [(i, w) for i, (_n, w) in enumerate(plain)]
-        unet_targets, text_targets, notes = _targets(lm, ordered)
+        ptargets: list = []
+        unet_targets, text_targets, notes = _targets(lm, ordered, ptargets)
         with _rows_on_every_row(text_targets, every, batch_size), torch.no_grad():
-            uncond = lm.encode([negative] * batch_size)
-            cond = lm.encode([prompt] * batch_size)
+            uncond = _encode(lm, [negative] * batch_size, (height, width), [every] * batch_size, ptargets)
+            cond = _encode(lm, [prompt] * batch_size, (height, width), [every] * batch_size, ptargets)
 
         def cfg_denoise(x_, sigma_, **_):
-            out = raw_model(torch.cat([x_] * 2), torch.cat([sigma_] * 2), torch.cat([uncond, cond]))
+            out = raw_model(torch.cat([x_] * 2), torch.cat([sigma_] * 2), _cat([uncond, cond]))
             u, c = out.chunk(2)
             return u + (c - u) * cfg_scale
 
@@ -469,7 +634,8 @@ def generate(
         what = "The prompt" if v == 0 else f"The prompt with the trigger words of LoRA '{settings.bindings[v - 1].lora}'"
         _check_length(lm, what, chunks)
     plan = build_compose_plan(variants.groups, variants.mask_tokens, settings)
-    unet_targets, text_targets, notes = _targets(lm, ordered)
+    ptargets: list = []
+    unet_targets, text_targets, notes = _targets(lm, ordered, ptargets)
 
     # Each variant's prompt (and, with negative_te_lora, its negative prompt) is encoded with that variant's own
     # LoRAs' text-encoder parts, all in one call; without them the negative prompt is encoded once and shared.
@@ -477,15 +643,16 @@ def generate(
     cond_te, uncond_te = plan.text_encoder_loras(settings)
     per_variant_negative = any(uncond_te)
     texts = list(variants.prompts) + ([negative] * V if per_variant_negative else [])
+    te_rows = cond_te + (uncond_te if per_variant_negative else [])
     with LoraRows(text_targets) as te, torch.no_grad():
-        te.plan = RowPlan.from_lists(cond_te + (uncond_te if per_variant_negative else []))
-        enc = lm.encode(texts)  # (V or 2V, T, D)
+        te.plan = RowPlan.from_lists(te_rows)
+        enc = _encode(lm, texts, (height, width), te_rows, ptargets)  # (V or 2V, T, D) [+ vectors (V or 2V, Dy)]
     if per_variant_negative:
-        unconds = enc[V:].unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
+        unconds = _batch(enc[V:], batch_size)
     else:
         with torch.no_grad():
-            unconds = lm.encode([negative] * batch_size)
-    conds = enc[:V].unsqueeze(1).expand(-1, batch_size, -1, -1).contiguous()
+            unconds = _encode(lm, [negative] * batch_size, (height, width))
+    conds = _batch(enc[:V], batch_size)
 
     # The Composer enters the LoRA row hooks and the attention capture around each of its own model calls.
     composer = Composer(

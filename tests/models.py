@@ -37,6 +37,15 @@ __all__ = [
     "tiny_clip_config",
     "make_tiny_clip",
     "clip_tokenizer",
+    "TINY_SDXL",
+    "tiny_sdxl_unet_config",
+    "make_tiny_sdxl_unet",
+    "tiny_clip_g_config",
+    "make_tiny_clip_g_hf",
+    "make_tiny_clip_g_open_clip",
+    "make_tiny_sdxl",
+    "sdxl_context_arg",
+    "tiny_sdxl_adm_channels",
     "fixtures_stamp",
     "fixtures_dir",
 ]
@@ -233,6 +242,126 @@ def clip_tokenizer() -> "CLIPTokenizer":
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(fixtures_dir() / "clip-tokenizer"))
+
+
+# ----- tiny SDXL ------------------------------------------------------------------------------------------------------
+#: Widths of the tiny SDXL: te1 = the tiny CLIP (64), te2 96 wide with a 64-wide projection, 8 Fourier features per
+#: size scalar (SDXL: 768, 1280, 1280 and 256), so context_dim 64 + 96 = 160 and adm_in_channels 64 + 6·8 = 112
+#: (SDXL: 2048 and 1280 + 6·256 = 2816).
+TINY_SDXL = {"te1": 64, "te2": 96, "te2_heads": 2, "te2_layers": 2, "te2_proj": 64, "size_dim": 8}
+
+
+def tiny_sdxl_unet_config() -> dict[str, Any]:
+    """``UNetModel`` kwargs of a tiny SDXL-shaped UNet (the ldm package CI installs).
+
+    SDXL's layout: three levels (channel_mult [1, 2, 4]), attention at down-sampling 2 and 4 only, linear
+    proj_in/proj_out (``use_linear_in_transformer``), several transformer blocks per attention, context
+    te1 ⊕ te2 (160 here).  This ldm (stablediffusion at SD 2.1) takes ``transformer_depth`` as one int only (SDXL uses
+    [0, 2, 10] per level): 2 everywhere, with ``context_dim`` given
+    per block.  It also has no ``num_classes="sequential"``: `make_tiny_sdxl_unet` adds
+    sgm's ``label_emb`` (``Sequential(Sequential(Linear(adm, 4C), SiLU, Linear(4C, 4C)))``, keys
+    ``label_emb.0.0``/``label_emb.0.2`` as in SDXL checkpoints) after construction; ldm's forward then adds
+    ``label_emb(y)`` to the time embedding exactly as sgm's does.
+    """
+    return {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [4, 2],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 4],
+        "num_heads": 2,
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "transformer_depth": 2,
+        # one entry per transformer block: this ldm's SpatialTransformer indexes a list by block (an int is
+        # wrapped into a one-element list, which fails for depth > 1); at forward time it indexes ``context`` the
+        # same way, so callers pass ``[context] * 2`` (`sdxl_context_arg`)
+        "context_dim": [TINY_SDXL["te1"] + TINY_SDXL["te2"]] * 2,
+        "use_checkpoint": False,
+        "legacy": False,
+    }
+
+
+def sdxl_context_arg(unet: torch.nn.Module, context: torch.Tensor):
+    """``context`` as this ldm's ``SpatialTransformer`` needs it: a list with one entry per transformer block when a
+    block has depth > 1 (it indexes ``context[i]``), else the tensor itself."""
+    depth = max((len(m.transformer_blocks) for m in unet.modules() if hasattr(m, "transformer_blocks")), default=1)
+    return [context] * depth if depth > 1 else context
+
+
+def tiny_sdxl_adm_channels() -> int:
+    return TINY_SDXL["te2_proj"] + 6 * TINY_SDXL["size_dim"]
+
+
+def make_tiny_sdxl_unet(seed: int = 0, attention_gain: float = TINY_ATTENTION_GAIN) -> torch.nn.Module:
+    """The tiny SDXL UNet with seeded weights (zero layers redrawn, cross-attention sharpened) and sgm's
+    ``label_emb`` for the ``y`` vector (``tiny_sdxl_adm_channels()`` wide)."""
+    unet = make_unet(tiny_sdxl_unet_config(), seed, attention_gain=attention_gain)
+    ch = unet.model_channels * 4
+    with _seeded(seed + 7):
+        unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Linear(tiny_sdxl_adm_channels(), ch), torch.nn.SiLU(), torch.nn.Linear(ch, ch)))
+    unet.num_classes = "sequential"
+    unet.adm_in_channels = tiny_sdxl_adm_channels()
+    return unet.eval().requires_grad_(False)
+
+
+def tiny_clip_g_config() -> "CLIPTextConfig":
+    """Forge-style te2 (``CLIPTextModelWithProjection``): 96 wide, 2 layers, 2 heads, gelu, 64-wide projection."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=TINY_SDXL["te2"], intermediate_size=4 * TINY_SDXL["te2"],
+        num_hidden_layers=TINY_SDXL["te2_layers"], num_attention_heads=TINY_SDXL["te2_heads"],
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=TINY_SDXL["te2_proj"],
+        pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
+    )
+
+
+def make_tiny_clip_g_hf(seed: int = 1):
+    """A transformers ``CLIPTextModelWithProjection`` (SDXL's clip_g as Forge holds it), seeded, fp32, eval."""
+    from transformers import CLIPTextModelWithProjection
+
+    with _seeded(seed):
+        model = CLIPTextModelWithProjection(tiny_clip_g_config())
+    return model.eval().requires_grad_(False)
+
+
+def make_tiny_clip_g_open_clip(seed: int = 1) -> torch.nn.Module:
+    """An open_clip ``TextTransformer`` (SDXL's second encoder as A1111/sgm hold it: resblocks of
+    ``nn.MultiheadAttention`` with a fused ``in_proj_weight``, not batch-first, gelu), 96 wide, 2 layers, 2 heads,
+    64-wide ``text_projection``; seeded, fp32, eval.  Biases and layer norms are redrawn (open_clip starts them at
+    0/1) so every parameter matters."""
+    _ensure_torchvision()
+    from open_clip.transformer import TextTransformer
+
+    with _seeded(seed):
+        model = TextTransformer(context_length=77, vocab_size=49408, width=TINY_SDXL["te2"],
+                                heads=TINY_SDXL["te2_heads"], layers=TINY_SDXL["te2_layers"],
+                                output_dim=TINY_SDXL["te2_proj"], act_layer=torch.nn.GELU)
+        with torch.no_grad():
+            torch.nn.init.normal_(model.text_projection, std=TINY_SDXL["te2"] ** -0.5)
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.05)
+                elif "ln_" in name and name.endswith("weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+def make_tiny_sdxl(te2: str = "open_clip", seed: int = 0):
+    """``(unet, te1, te2)`` of the tiny SDXL; ``te2`` ``"open_clip"`` (A1111 layout) or ``"hf"`` (Forge layout)."""
+    unet = make_tiny_sdxl_unet(seed)
+    te1 = make_tiny_clip(seed)
+    if te2 == "open_clip":
+        t2 = make_tiny_clip_g_open_clip(seed + 1)
+    elif te2 == "hf":
+        t2 = make_tiny_clip_g_hf(seed + 1)
+    else:
+        raise ValueError(f"te2 must be 'open_clip' or 'hf', not {te2!r}")
+    return unet, te1, t2
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ Target = tuple[str, str, tuple[int, ...]]  # (component "unet"/"text", diffusers
 DEFAULT_TAGS = {"10_sks_dog": {"sks dog": 20, "dog": 15, "outdoors": 6, "grass": 6}, "5_reg": {"dog": 5, "sitting": 3}}
 
 __all__ = [
-    "targets", "write_kohya", "write_peft", "write_loha", "write_lokr", "write_dora", "write_sdxl_like", "write_pickle",
+    "targets", "sdxl_targets", "write_sdxl", "write_kohya", "write_peft", "write_loha", "write_lokr", "write_dora", "write_sdxl_like", "write_pickle",
     "write_unknown", "write_mostly_unmatched", "write_all", "kohya_metadata",
 ]
 
@@ -369,3 +369,65 @@ def write_all(out_dir: PathLike, unet: nn.Module, text_model: nn.Module, seed: i
                                                    seed=seed + 17),
     }
     return files
+
+
+# ----- SDXL (two text encoders) -------------------------------------------------------------------
+
+def sdxl_targets(unet: Optional[nn.Module], te1: Optional[nn.Module], te2: Optional[nn.Module]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(component, HF/diffusers path, weight shape)`` for an SDXL model: UNet transformer modules, te1 and te2 encoder
+    layers under their HF names (``text_model.encoder.layers.i.self_attn.q_proj``...), whatever te2's layout: an
+    open_clip tower's shapes are read from its fused parameters (q/k/v: one third of ``in_proj_weight``)."""
+    from clora.lora.keymap import is_open_clip_text, open_clip_param_table
+
+    out = [t for t in targets(unet, te1, False)]
+    if te2 is not None:
+        if is_open_clip_text(te2):
+            for stem_, (pname, span) in open_clip_param_table(te2, prefix="").items():
+                w = te2.get_parameter(pname)
+                shape = tuple(w.shape) if span is None else (span[1], *w.shape[1:])
+                hf = stem_.replace("text_model_encoder_layers_", "text_model.encoder.layers.")
+                layer, _, rest = hf[len("text_model.encoder.layers."):].partition("_")
+                rest = rest.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+                out.append(("text2", f"text_model.encoder.layers.{layer}.{rest}", shape))
+        else:
+            for hf, rel in text_paths(te2).items():
+                if ".encoder.layers." in hf:
+                    out.append(("text2", hf, tuple(te2.get_submodule(rel).weight.shape)))
+    return out
+
+
+def write_sdxl(path: PathLike, unet: Optional[nn.Module], te1: Optional[nn.Module], te2: Optional[nn.Module],
+               layout: str = "kohya", rank: int = 4, alpha: Optional[float] = 2.0, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """An SDXL LoRA for the given modules. ``layout``: ``"kohya"`` (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with
+    ``lora_down``/``lora_up``), ``"loha"`` (the same stems, LyCORIS ``hada_*``) or ``"peft"`` (``unet.*``,
+    ``text_encoder.*``, ``text_encoder_2.*`` with ``lora_A``/``lora_B``)."""
+    g = _gen(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    kohya_prefix = {"unet": "lora_unet_", "text": "lora_te1_", "text2": "lora_te2_"}
+    peft_prefix = {"unet": "unet.", "text": "text_encoder.", "text2": "text_encoder_2."}
+    for comp, p, shape in sdxl_targets(unet, te1, te2):
+        if layout == "peft":
+            base = peft_prefix[comp] + p
+            f = _lora_factors(g, shape, rank, False, dtype)
+            tensors[f"{base}.lora_A.weight"] = f["down"]
+            tensors[f"{base}.lora_B.weight"] = f["up"]
+            if alpha is not None:
+                tensors[f"{base}.alpha"] = _alpha(alpha, dtype)
+            continue
+        s = kohya_prefix[comp] + p.replace(".", "_")
+        if layout == "kohya":
+            for short, t in _lora_factors(g, shape, rank, False, dtype).items():
+                tensors[f"{s}.lora_{short}.weight"] = t
+        elif layout == "loha":
+            out_f, rest = shape[0], math.prod(shape[1:])
+            for i in (1, 2):
+                tensors[f"{s}.hada_w{i}_a"] = _randn(g, (out_f, rank), 0.3, dtype)
+                tensors[f"{s}.hada_w{i}_b"] = _randn(g, (rank, rest), 0.3, dtype)
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        if alpha is not None:
+            tensors[f"{s}.alpha"] = _alpha(alpha, dtype)
+    meta = kohya_metadata(Path(path).stem, rank, alpha if alpha is not None else rank, base_model="sdxl_base_v1-0",
+                          module="lycoris.kohya" if layout == "loha" else "networks.lora")
+    return _save(path, tensors, meta)

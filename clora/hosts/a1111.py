@@ -19,6 +19,7 @@ How CLoRA rides on A1111's sampling (everything per generation; nothing outlives
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import AttentionCapture, map_size
-from ..compose import Composer, build_compose_plan
+from ..compose import Composer, Conditioning, build_compose_plan
 from ..lora.files import check_family, load_lora
+from ..lora.functional import ParamTarget, run_with_loras
 from ..lora.keymap import dropped_summary, resolve
 from ..lora.rows import LoraRows, RowPlan
 from ..lora.types import LoraError, LoraFile
@@ -119,14 +121,47 @@ def _model_family(sd_model) -> str:
     return "unknown"
 
 
+def _sdxl_embedders(sd_model) -> Optional[list]:
+    """SDXL's text embedders (sgm ``GeneralConditioner.embedders``: CLIP-L, OpenCLIP bigG), or None."""
+    if not getattr(sd_model, "is_sdxl", False):
+        return None
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
+    if embedders is None or len(embedders) < 2:
+        raise CloraError("Could not find the two text encoders of this SDXL model (an SDXL refiner is not supported).")
+    return list(embedders)
+
+
+def _tokenizer_clip(sd_model):
+    """What tokenizes a prompt: SD1's hijacked CLIP, or SDXL's first embedder (the conditioner has no tokenize_line)."""
+    embedders = _sdxl_embedders(sd_model)
+    return sd_model.cond_stage_model if embedders is None else embedders[0]
+
+
 def _text_model(sd_model) -> torch.nn.Module:
-    """The HF CLIPTextModel inside A1111's hijacked embedder (``cond_stage_model.wrapped.transformer``)."""
-    cs = sd_model.cond_stage_model
+    """The HF CLIPTextModel inside A1111's hijacked embedder (``cond_stage_model.wrapped.transformer``; SDXL: the
+    first embedder's)."""
+    embedders = _sdxl_embedders(sd_model)
+    cs = sd_model.cond_stage_model if embedders is None else embedders[0]
     for obj in (getattr(cs, "wrapped", None), cs):
         tr = getattr(obj, "transformer", None) if obj is not None else None
         if tr is not None and hasattr(tr, "text_model"):
             return tr
-    raise CloraError("Could not find the text encoder of this model (only SD 1.x CLIP models are supported).")
+    raise CloraError("Could not find the text encoder of this model (only SD 1.x and SDXL CLIP models are supported).")
+
+
+def _text_model_2(sd_model) -> Optional[torch.nn.Module]:
+    """SDXL's second text encoder as A1111 holds it: the open_clip model inside sgm's ``FrozenOpenCLIPEmbedder2``
+    (``conditioner.embedders[1].wrapped.model``, whose ``transformer.resblocks`` use ``nn.MultiheadAttention``);
+    None for SD 1.x."""
+    embedders = _sdxl_embedders(sd_model)
+    if embedders is None:
+        return None
+    emb = embedders[1]
+    for obj in (getattr(emb, "wrapped", None), emb):
+        model = getattr(obj, "model", None) if obj is not None else None
+        if model is not None and hasattr(model, "transformer"):
+            return model
+    raise CloraError("Could not find the second (OpenCLIP) text encoder of this SDXL model.")
 
 
 def check_gradients_possible(sd_model) -> None:
@@ -139,6 +174,11 @@ def check_gradients_possible(sd_model) -> None:
             "A gradient pass through the UNet is needed, which --lowvram/--medvram (modules moved during the "
             "forward pass) cannot do. Start the WebUI without them to use CLoRA."
         )
+    if getattr(sd_model, "is_sdxl", False) and (getattr(opts, "medvram_sdxl", False) or getattr(sd_model, "lowvram", False)):
+        raise CloraError(
+            "A gradient pass through the UNet is needed, which --medvram-sdxl (modules moved during the forward "
+            "pass of SDXL models) cannot do. Start the WebUI without it to use CLoRA on SDXL."
+        )
     try:
         from modules import sd_unet
 
@@ -150,7 +190,7 @@ def check_gradients_possible(sd_model) -> None:
     except ImportError:
         pass
     if getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn") not in ("crossattn", "hybrid"):
-        raise CloraError("Only text-to-image SD 1.x models are supported; this model's conditioning is not.")
+        raise CloraError("Only text-to-image SD 1.x and SDXL models are supported; this model's conditioning is not.")
 
 
 @dataclass
@@ -172,7 +212,8 @@ class A1111Run:
             self.error = exc
 
     #: what `release` drops: everything that holds tensors, modules or the LoRA files
-    _HEAVY = ("composer", "capture", "unet_rows", "text_targets", "variant_schedules", "negative_schedules", "loras",
+    _HEAVY = ("composer", "capture", "unet_rows", "text_targets", "text2_params", "variant_schedules",
+              "negative_schedules", "loras", "text2",
               "unet", "text")
 
     def release(self) -> None:
@@ -191,14 +232,21 @@ class A1111Run:
     def check_gradients(self) -> None:
         check_gradients_possible(self.p.sd_model)
 
+    def check_model(self, family: str) -> None:
+        """Host-specific refusals of a model of a supported family (Forge: its SDXL refiner)."""
+
     def host_tokenizer(self) -> A1111Tokenizer:
-        return A1111Tokenizer(self.p.sd_model.cond_stage_model)
+        return A1111Tokenizer(_tokenizer_clip(self.p.sd_model))
 
     def unet_module(self) -> torch.nn.Module:
         return self.p.sd_model.model.diffusion_model
 
     def text_module(self) -> torch.nn.Module:
         return _text_model(self.p.sd_model)
+
+    def text_module_2(self) -> Optional[torch.nn.Module]:
+        """SDXL's second text encoder (None for SD 1.x)."""
+        return _text_model_2(self.p.sd_model)
 
     def lora_file(self, name: str) -> Path:
         return find_lora_file(name)
@@ -207,8 +255,13 @@ class A1111Run:
         p, s = self.p, self.settings
         s.validate()
         family = self.model_family()
-        if family != "sd1":
-            raise CloraError(f"Only SD 1.x models are supported for now; the loaded model is {family.upper()}.")
+        if family not in ("sd1", "sdxl"):
+            raise CloraError(f"Only SD 1.x and SDXL models are supported; the loaded model is {family.upper()}.")
+        self.family = family
+        if getattr(p, "refiner_checkpoint_info", None) is not None:
+            raise CloraError("The refiner is not supported (it swaps the model during sampling): set Refiner to "
+                             "none to use CLoRA.")
+        self.check_model(family)
         self.check_gradients()
         prompts = list(p.prompts)
         if len(set(prompts)) > 1:
@@ -236,12 +289,17 @@ class A1111Run:
             self.loras.append(lora)
         self.unet = self.unet_module()
         self.text = self.text_module()
+        self.text2 = self.text_module_2() if family == "sdxl" else None
         unet_t, text_t = [], []
+        #: LoRA modules of an open_clip second text encoder (A1111's SDXL): applied as W + ΔW through functional_call
+        self.text2_params: list[ParamTarget] = []
         dropped: list[str] = []
         for idx, lora in enumerate(self.loras):
-            res = resolve(lora, unet=self.unet, text_model=self.text)  # logs a warning when something is left out
+            # logs a warning when something is left out
+            res = resolve(lora, unet=self.unet, text_model=self.text, text_model_2=self.text2)
             for component, _path, module, lmod in res.targets:
                 (unet_t if component == "unet" else text_t).append((module, idx, lmod))
+            self.text2_params.extend(dataclasses.replace(t, lora_index=idx) for t in res.param_targets)
             self.report.notes.append(f"{lora.name}: {res.matched}/{res.total} modules")
             if res.note is not None:
                 dropped.append(dropped_summary(lora, res, examples=0))
@@ -267,7 +325,7 @@ class A1111Run:
             if not loras:
                 self.negative_schedules.append(None)
                 continue
-            by_text = {text: self._encode(text, loras, steps)[0] for text in dict.fromkeys(negatives)}
+            by_text = {text: self._encode(text, loras, steps, negative=True)[0] for text in dict.fromkeys(negatives)}
             self.negative_schedules.append([by_text[t] for t in negatives])
         self._check_finite()
 
@@ -300,15 +358,35 @@ class A1111Run:
         bindings = self.settings.bindings
         return f"LoRA '{bindings[v - 1].lora}'" if v - 1 < len(bindings) else f"variant {v}"
 
-    def _encode(self, prompt: str, te_loras: list, steps: int) -> list:
-        """The host's conditioning schedule of ``prompt`` with ``te_loras`` on every text-encoder row."""
+    def _encode(self, prompt: str, te_loras: list, steps: int, negative: bool = False) -> list:
+        """The host's conditioning schedule of ``prompt`` with ``te_loras`` on every text-encoder row.
+
+        SDXL: the prompt goes in as the host's ``SdConditioning`` with this pass's image size (the size part of the
+        pooled vector) and whether it is a negative prompt (an empty one is zeroed, as the host does); the first
+        encoder (and Forge's clip_g) gets the LoRAs through per-row hooks, A1111's open_clip second encoder through
+        `run_with_loras` (its fused attention weights read as W + ΔW during the call, never written)."""
         from modules import prompt_parser
 
         # One call encodes the prompt's schedule (prompt editing gives several texts): one row per text.
         n_texts = len(prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0])
+        texts: Any = [prompt]
+        if getattr(self, "family", "sd1") == "sdxl":
+            width, height = self.image_size()
+            texts = prompt_parser.SdConditioning([prompt], is_negative_prompt=negative, width=width, height=height)
+        params = getattr(self, "text2_params", None) or []
         with LoraRows(self.text_targets) as te:
             te.plan = RowPlan.from_lists([te_loras] * n_texts)
-            return prompt_parser.get_learned_conditioning(self.p.sd_model, [prompt], steps)
+            encode = lambda: prompt_parser.get_learned_conditioning(self.p.sd_model, texts, steps)  # noqa: E731
+            if params and self.text2 is not None:
+                return run_with_loras(self.text2, params, te_loras, encode)
+            return encode()
+
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the pass being sampled, as the host gives it to SDXL's size conditioning."""
+        p = self.p
+        if getattr(p, "is_hr_pass", False) and getattr(p, "hr_upscale_to_x", 0):
+            return int(p.hr_upscale_to_x), int(p.hr_upscale_to_y)
+        return int(p.width), int(p.height)
 
     def variant_conds(self, step: int, uncond: Optional[torch.Tensor], own_negatives: bool = True):
         """(V, B, T, D) variant conditionings at ``step`` and the (V, B, T, D) negative ones, padded to one T.
@@ -323,10 +401,24 @@ class A1111Run:
         if uncond is not None:
             for sched in self.negative_schedules if own_negatives else [None] * V:
                 unconds.append(uncond if sched is None else prompt_parser.reconstruct_cond_batch(sched, step))
-        device = conds[0].device if uncond is None else uncond.device
+        allc = [_as_pair(c) for c in conds + unconds]
+        device = allc[0][0].device if uncond is None else allc[-1][0].device
         empty = getattr(self.p.sd_model, "cond_stage_model_empty_prompt", None)
-        padded = pad_tokens([c.to(device) for c in conds + unconds], empty)
-        return torch.stack(padded[:V]), (torch.stack(padded[V:]) if unconds else None)
+        if torch.is_tensor(empty) and empty.dim() == 2:
+            empty = empty[None]
+        padded = pad_tokens([c.to(device) for c, _v in allc], empty)
+        vectors = [v.to(device) if v is not None else None for _c, v in allc]
+        if any(v is None for v in vectors) != all(v is None for v in vectors):
+            raise CloraError("The prompt and negative prompt conditionings are of different kinds (with and without "
+                             "a pooled vector).")
+
+        def pack(lo: int, hi: int):
+            cross = torch.stack(padded[lo:hi])
+            if vectors[0] is None:
+                return cross
+            return Conditioning(cross, torch.stack(vectors[lo:hi]))
+
+        return pack(0, V), (pack(V, len(allc)) if unconds else None)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def sample(self, original_sample: Callable, *args, **kwargs):
@@ -371,8 +463,11 @@ class A1111Run:
         steps = denoiser.steps or p.steps
         step = step_from_calls(denoiser.step, steps, denoiser.total_steps)
         uncond_t = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
-        if isinstance(uncond_t, dict):
-            raise CloraError("Only SD 1.x conditioning is supported.")
+        if hires and getattr(self, "family", "sd1") == "sdxl" and not getattr(self, "_hires_encoded", False):
+            # SDXL's pooled vector carries the image size: the second pass gets its own encodings, as the host's do
+            with torch.no_grad():
+                self.encode_variants(p.steps)
+            self._hires_encoded = True
         # a hires pass with its own negative prompt: that one (the host's) for every variant
         own = not hires or getattr(p, "hr_negative_prompt", "") in ("", p.negative_prompt)
         conds, uncond_t = self.variant_conds(denoiser.step, uncond_t, own_negatives=own)
@@ -382,7 +477,11 @@ class A1111Run:
 
         def model_fn(x_rows, sigma_rows, cond_rows):
             idx = torch.arange(x_rows.shape[0], device=x_rows.device) % B
-            c = {"c_crossattn": [cond_rows], "c_concat": [image_cond.index_select(0, idx.to(image_cond.device))]}
+            concat = [image_cond.index_select(0, idx.to(image_cond.device))]
+            if isinstance(cond_rows, Conditioning):  # SDXL: sgm's DiffusionEngine reads crossattn and vector
+                c = {"crossattn": cond_rows.crossattn, "vector": cond_rows.vector, "c_concat": concat}
+            else:
+                c = {"c_crossattn": [cond_rows], "c_concat": concat}
             return real(x_rows, sigma_rows, cond=c)
 
         if self.composer is None or (hires and self.composer.map_size != self._map_size(x)):
@@ -417,6 +516,16 @@ class A1111Run:
         if hires and self.composer is not None and self.composer.last_masks is not None:
             composer.fixed_masks = self.composer.last_masks  # upsampled first-pass masks; no optimisation
         return composer
+
+
+def _as_pair(c) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(context, pooled vector or None) of a host conditioning: a tensor (SD 1.x), A1111's SDXL dict
+    (``crossattn``/``vector``) or a `Conditioning`."""
+    if isinstance(c, Conditioning):
+        return c.crossattn, c.vector
+    if isinstance(c, dict):
+        return c["crossattn"], c["vector"]
+    return c, None
 
 
 class _Interceptor:

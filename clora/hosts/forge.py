@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..attention import map_size
-from ..compose import Composer, NonFiniteError
+from ..compose import Composer, Conditioning, NonFiniteError
 from ..lora.types import LoraError
 from ..prompts import PromptError
 from ..gradmode import inference_safe_gradients
@@ -70,6 +70,18 @@ def _transformer_options(base: dict, chunks: list[int], sigma: torch.Tensor) -> 
     except ImportError:
         pass
     return opts
+
+
+def _host_cond(entry: dict):
+    """Forge's compiled condition (backend/sampling/condition.py:compile_conditions) as CLoRA's: the context tensor,
+    or for SDXL a `Conditioning` of the context and the pooled vector (``pooled_output``, the UNet's ``y``)."""
+    pooled = entry.get("pooled_output")
+    if pooled is None:
+        y = entry.get("model_conds", {}).get("y")
+        pooled = getattr(y, "cond", None)
+    if pooled is None:
+        return entry["cross_attn"]
+    return Conditioning(entry["cross_attn"], pooled)
 
 
 class _Shared:
@@ -115,8 +127,16 @@ class ForgeRun(A1111Run):
         if any(not p.is_floating_point() for p in dm.parameters()):
             raise CloraError("A floating-point UNet is needed (quantised fp8/nf4/gguf models cannot take gradients).")
 
+    def check_model(self, family: str) -> None:
+        m = self.p.sd_model
+        if family == "sdxl" and getattr(m, "text_processing_engine_l", None) is None:
+            raise CloraError("SDXL refiner models are not supported (CLoRA needs SDXL's CLIP-L text encoder); "
+                             "load an SDXL base model.")
+
     def host_tokenizer(self) -> A1111Tokenizer:
-        return A1111Tokenizer(self.p.sd_model.text_processing_engine)
+        m = self.p.sd_model
+        engine = getattr(m, "text_processing_engine_l", None) if getattr(self, "family", "sd1") == "sdxl" else None
+        return A1111Tokenizer(engine if engine is not None else m.text_processing_engine)
 
     def unet_module(self) -> torch.nn.Module:
         return self.p.sd_model.forge_objects.unet.model.diffusion_model
@@ -126,6 +146,14 @@ class ForgeRun(A1111Run):
         tr = getattr(getattr(clip, "clip_l", None), "transformer", None)
         if tr is None or not hasattr(tr, "text_model"):
             raise CloraError("Could not find the CLIP-L text encoder of this model.")
+        return tr
+
+    def text_module_2(self) -> Optional[torch.nn.Module]:
+        """SDXL's clip_g (a transformers CLIP in Forge: per-row hooks, like clip_l)."""
+        clip = self.p.sd_model.forge_objects.clip.cond_stage_model
+        tr = getattr(getattr(clip, "clip_g", None), "transformer", None)
+        if tr is None or not hasattr(tr, "text_model"):
+            raise CloraError("Could not find the CLIP-G text encoder of this SDXL model.")
         return tr
 
     # sampling ---------------------------------------------------------------------------------------------
@@ -212,7 +240,7 @@ class ForgeRun(A1111Run):
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
         calls, step = self._step()
         self.pass_state["applied"] = self.pass_state.get("applied", 0) + 1
-        uncond_t = uncond[0]["cross_attn"] if uncond else None
+        uncond_t = _host_cond(uncond[0]) if uncond else None
         conds, uncond_t = self._conds(calls, uncond_t, x)
         c_concat = None
         if cond and "c_concat" in cond[0].get("model_conds", {}):
@@ -305,10 +333,14 @@ class ForgeRun(A1111Run):
             # the Composer's calls put the negative-prompt rows first (it says how many)
             n_uncond = composer.call_uncond_rows
             chunks = [_UNCOND] * (n_uncond // batch) + [_COND] * ((n - n_uncond) // batch)
-            kw = {"c_crossattn": cond_rows, "transformer_options": _transformer_options(base, chunks, sigma)}
+            kw = {"transformer_options": _transformer_options(base, chunks, sigma)}
+            if isinstance(cond_rows, Conditioning):  # SDXL: the pooled vector reaches the UNet as y (label_emb)
+                kw["c_crossattn"], kw["y"] = cond_rows.crossattn, cond_rows.vector
+            else:
+                kw["c_crossattn"] = cond_rows
             if c_concat is not None:
                 idx = torch.arange(n, device=c_concat.device) % batch
-                kw["c_concat"] = rows_cond({"c_concat": c_concat}, cond_rows, idx, key="c_crossattn")["c_concat"]
+                kw["c_concat"] = rows_cond({"c_concat": c_concat}, kw["c_crossattn"], idx, key="c_crossattn")["c_concat"]
             return model.apply_model(x_rows, sigma_rows, **kw)
 
         return fn

@@ -42,11 +42,12 @@ from torch import nn
 
 from ..errors import user_message
 from .dense import shape_problem
+from .functional import ParamTarget
 from .types import LoraError, LoraFile, LoraModule, is_linear, is_target
 
 __all__ = [
     "HOST_ROOTS", "SINGLE_CLIP_PREFIXES", "full_path", "unet_paths", "unet_stem_table", "text_paths", "text_stem_table",
-    "ResolvedLora", "resolve", "dropped_summary", "stem",
+    "is_open_clip_text", "open_clip_param_table", "ResolvedLora", "resolve", "dropped_summary", "stem",
 ]
 
 logger = logging.getLogger("clora")
@@ -224,6 +225,38 @@ def text_stem_table(text_model: nn.Module, prefix: str = "lora_te_") -> dict[str
     return {stem(prefix, hf): rel for hf, rel in text_paths(text_model).items()}
 
 
+def is_open_clip_text(text_model: nn.Module) -> bool:
+    """An open_clip text tower (``TextTransformer``, or the ``CLIP`` model holding it): ``transformer.resblocks``
+    of blocks with a ``torch.nn.MultiheadAttention`` ``attn`` and an ``mlp`` of ``c_fc``/``c_proj``."""
+    blocks = getattr(getattr(text_model, "transformer", None), "resblocks", None)
+    return blocks is not None and len(blocks) > 0 and isinstance(getattr(blocks[0], "attn", None), nn.MultiheadAttention)
+
+
+def open_clip_param_table(text_model: nn.Module, prefix: str = "lora_te2_") -> dict[str, tuple[str, Optional[tuple[int, int]]]]:
+    """Kohya stem (HF CLIP names, as kohya writes SDXL's second encoder) -> (parameter name, row span) of an
+    open_clip text tower.
+
+    ``self_attn.q_proj`` / ``k_proj`` / ``v_proj`` are the row slices ``[0, D)``, ``[D, 2D)``, ``[2D, 3D)`` of the fused
+    ``attn.in_proj_weight``; ``self_attn.out_proj`` is ``attn.out_proj.weight``; ``mlp.fc1`` / ``fc2`` are
+    ``mlp.c_fc.weight`` / ``mlp.c_proj.weight`` (the correspondence A1111's Lora extension uses for SDXL's
+    ``1_model_transformer_resblocks_*``).  These parameters are reached through `functional.call_with_loras`, never
+    by hooks: ``nn.MultiheadAttention`` reads them directly.
+    """
+    if not is_open_clip_text(text_model):
+        raise LoraError("The second text encoder is not an open_clip text tower (transformer.resblocks.*.attn).")
+    table: dict[str, tuple[str, Optional[tuple[int, int]]]] = {}
+    for i, block in enumerate(text_model.transformer.resblocks):
+        hf = f"text_model_encoder_layers_{i}_"
+        base = f"transformer.resblocks.{i}"
+        d = block.attn.embed_dim
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            table[f"{prefix}{hf}self_attn_{proj}"] = (f"{base}.attn.in_proj_weight", (j * d, d))
+        table[f"{prefix}{hf}self_attn_out_proj"] = (f"{base}.attn.out_proj.weight", None)
+        table[f"{prefix}{hf}mlp_fc1"] = (f"{base}.mlp.c_fc.weight", None)
+        table[f"{prefix}{hf}mlp_fc2"] = (f"{base}.mlp.c_proj.weight", None)
+    return table
+
+
 # ----- resolution ---------------------------------------------------------------------------------
 
 @dataclass
@@ -235,6 +268,9 @@ class ResolvedLora:
     matched / total: modules bound / modules of the components that were given.
     unmatched: keys of modules that found no target or whose shapes do not fit it; ``reasons`` says which.
     skipped: keys of modules for a component that was not given (not counted in ``total``).
+    param_targets: modules bound to parameters hooks cannot reach (an open_clip second text encoder, component
+             ``"text2"``): applied through `functional.call_with_loras`; ``lora_index`` is 0 here, to be set by the
+             caller (``dataclasses.replace``).
     note: `dropped_summary` of what is not applied (``None`` when every module and tensor is); `resolve` also logs it
           as a warning on the ``clora`` logger.
     """
@@ -246,18 +282,25 @@ class ResolvedLora:
     reasons: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     note: Optional[str] = None
+    param_targets: list[ParamTarget] = field(default_factory=list)
 
 
-def _component(key: str) -> Optional[str]:
+def _component(key: str, two_encoders: bool) -> Optional[str]:
+    """``"unet"``, ``"text"`` (the first/only text encoder) or ``"text2"`` (SDXL's second).
+
+    ``lora_te2_`` names the second encoder; with one encoder (no ``text_model_2``) it is still counted as ``"text"`` and
+    then fits nothing there (the SD1 behaviour, where it is a foreign module)."""
     if key.startswith("lora_unet_"):
         return "unet"
+    if key.startswith("lora_te2_") and two_encoders:
+        return "text2"
     if key.startswith("lora_te"):
         return "text"
     return None
 
 
 def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Optional[nn.Module] = None,
-            min_match: float = 0.9) -> ResolvedLora:
+            min_match: float = 0.9, text_model_2: Optional[nn.Module] = None) -> ResolvedLora:
     """Bind every module of ``lora`` to a ``Linear``/``Conv2d`` of ``unet``/``text_model`` (either may be ``None``).
 
     Each binding is shape-checked against the target's weight; the text model answers to every prefix of
@@ -266,6 +309,9 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
     most likely for another architecture.  Otherwise returns the counts and the unmatched keys, and when anything is
     left out (modules that do not fit, tensors of unsupported or incomplete modules counted by the reader) logs one
     warning naming the count and examples, kept as ``note`` for the caller's infotext: nothing is dropped silently.
+
+    ``text_model_2`` is SDXL's second text encoder (``lora_te2_`` keys): a transformers CLIP (Forge's clip_g) binds
+    like the first, as ``"text2"`` targets; an open_clip text tower (A1111's) binds as ``param_targets``.
     """
     tables: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     if unet is not None:
@@ -275,17 +321,41 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
         for prefix in SINGLE_CLIP_PREFIXES:
             text_table.update(text_stem_table(text_model, prefix))
         tables["text"] = (text_model, text_table)
+    params2: Optional[dict[str, tuple[str, Optional[tuple[int, int]]]]] = None
+    if text_model_2 is not None:
+        if is_open_clip_text(text_model_2):
+            params2 = open_clip_param_table(text_model_2)
+            tables["text2"] = (text_model_2, {})
+        else:
+            tables["text2"] = (text_model_2, text_stem_table(text_model_2, "lora_te2_"))
+    param_targets: list[ParamTarget] = []
     targets: list[tuple[str, str, nn.Module, LoraModule]] = []
     unmatched: list[str] = []
     reasons: dict[str, str] = {}
     skipped: list[str] = []
     bound: dict[tuple[str, str], str] = {}
     for key, module in lora.modules.items():
-        comp = _component(key)
+        comp = _component(key, text_model_2 is not None)
         if comp is None or comp not in tables:
             skipped.append(key)
             continue
         root, table = tables[comp]
+        if comp == "text2" and params2 is not None:
+            hit = params2.get(key)
+            if hit is None:
+                unmatched.append(key)
+                reasons[key] = "no such module in this model"
+                continue
+            pname, span = hit
+            weight = root.get_parameter(pname)
+            shape = tuple(weight.shape) if span is None else (span[1], *weight.shape[1:])
+            problem = shape_problem(module, shape)
+            if problem is not None:
+                unmatched.append(key)
+                reasons[key] = problem
+                continue
+            param_targets.append(ParamTarget(pname, span, 0, module))
+            continue
         path = table.get(key)
         if path is None:
             unmatched.append(key)
@@ -303,17 +373,18 @@ def resolve(lora: LoraFile, unet: Optional[nn.Module] = None, text_model: Option
             continue
         bound[(comp, path)] = key
         targets.append((comp, path, target, module))
-    total = len(targets) + len(unmatched)
-    if total and len(targets) / total < min_match:
+    n_bound = len(targets) + len(param_targets)
+    total = n_bound + len(unmatched)
+    if total and n_bound / total < min_match:
         examples = "; ".join(f"{k}: {reasons[k]}" for k in unmatched[:3])
         hint = "Is it made for another model?"
         if lora.family != "unknown":
             from .files import FAMILY_NAMES
 
             hint = f"It looks like a LoRA for {FAMILY_NAMES.get(lora.family, lora.family)}: is it made for another model?"
-        raise LoraError(f"LoRA '{lora.name}': only {len(targets)} of {total} modules match this model "
+        raise LoraError(f"LoRA '{lora.name}': only {n_bound} of {total} modules match this model "
                         f"(e.g. {examples}). {hint}")
-    res = ResolvedLora(targets, len(targets), total, unmatched, reasons, skipped)
+    res = ResolvedLora(targets, n_bound, total, unmatched, reasons, skipped, param_targets=param_targets)
     res.note = dropped_summary(lora, res)
     if res.note is not None:
         logger.warning(user_message(res.note))

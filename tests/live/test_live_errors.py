@@ -94,3 +94,34 @@ def test_sdxl_lora_on_sd1_model_is_reported(webui, loras, reference):
     args = named_args(loras)
     args[0]["bindings"][0]["lora"] = name
     _assert_error_then_normal(webui, reference, args, {}, [name, "SDXL"])
+
+
+def _checkpoint(webui: WebUI) -> str:
+    return str((webui.get("/sdapi/v1/options").body or {}).get("sd_model_checkpoint", ""))
+
+
+def _sd1_lora(webui: WebUI) -> str:
+    webui.post("/sdapi/v1/refresh-loras")
+    for name, meta in webui.lora_metadata().items():
+        base = str(meta.get("ss_base_model_version", "")) + " " + str(meta.get("modelspec.architecture", ""))
+        if "v1" in base.lower() and "xl" not in base.lower():
+            return name
+    pytest.skip("the server has no SD 1.x LoRA (by its metadata) to bind to an SDXL model")
+
+
+def test_sd1_lora_on_sdxl_model_is_reported(webui, loras, reference):
+    if "xl" not in _checkpoint(webui).lower():
+        pytest.skip("the loaded checkpoint does not look like SDXL")
+    name = _sd1_lora(webui)
+    args = named_args(loras)
+    args[0]["bindings"][0]["lora"] = name
+    _assert_error_then_normal(webui, reference, args, {}, [name, "SD 1.x", "the loaded model is SDXL"])
+
+
+def test_refiner_is_reported(webui, loras, reference):
+    """A refiner swaps the model during sampling: refused (the loaded checkpoint itself serves as the refiner)."""
+    checkpoint = _checkpoint(webui)
+    if not checkpoint:
+        pytest.skip("the server does not name its checkpoint")
+    _assert_error_then_normal(webui, reference, named_args(loras),
+                              {"refiner_checkpoint": checkpoint, "refiner_switch_at": 0.5}, ["refiner"])
