@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing", "map_size"]
+__all__ = [
+    "attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing", "recomputing",
+    "recompute_units", "map_size",
+]
 
 
 class _StopForward(BaseException):
@@ -285,3 +288,58 @@ def no_checkpointing(model: nn.Module) -> Iterator[None]:
     finally:
         for module, attr, value in reversed(saved):
             setattr(module, attr, value)
+
+
+def recompute_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `recomputing` wraps: the innermost ones carrying a boolean ``checkpoint`` / ``use_checkpoint``
+    instance attribute (ldm's and Forge's ``ResBlock`` and ``BasicTransformerBlock``, the units ldm itself would
+    checkpoint; not the UNet or a ``SpatialTransformer``, which contain such units)."""
+    flagged = [
+        (name, m) for name, m in model.named_modules()
+        if any(isinstance(m.__dict__.get(attr), bool) for attr in _CHECKPOINT_FLAGS)
+    ]
+    names = [name for name, _ in flagged]
+
+    def contains(outer: str, inner: str) -> bool:
+        return outer != inner and (outer == "" or inner.startswith(outer + "."))
+
+    return [m for name, m in flagged if not any(contains(name, other) for other in names)]
+
+
+@contextmanager
+def recomputing(model: Optional[nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Inside the block, every unit of `recompute_units` runs under ``torch.utils.checkpoint`` (non-reentrant) while
+    autograd is on: it keeps only its inputs for the backward pass and runs again during it.  The units' own
+    ``forward`` is restored exactly on exit.
+
+    The recomputation runs the forward hooks again, the capture's included: an `AttentionCapture` stores the
+    recomputed maps once more (call ``reset()`` after the backward pass) but, outside ``run``, never stops a pass
+    or switches autograd off.  Non-reentrant checkpointing keeps the gradient of tensors computed inside a unit
+    that leave it by other ways than its output, as the captured maps do.  ``model=None`` or ``enabled=False``:
+    nothing changes."""
+    if model is None or not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    patched: list[tuple[nn.Module, bool, Any]] = []
+    try:
+        for module in recompute_units(model):
+            had = "forward" in module.__dict__
+            patched.append((module, had, module.__dict__.get("forward")))
+            module.forward = wrap(module.forward)
+        yield
+    finally:
+        for module, had, value in reversed(patched):
+            if had:
+                module.forward = value
+            else:
+                del module.forward

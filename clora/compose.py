@@ -13,6 +13,11 @@ Data flow of one call (the host glue supplies tensors and a model callable; noth
               ──► masks from those maps → masked average of the variants' predictions (uncond and cond alike)
               ──► (fused uncond, fused cond) back to the host, which applies CFG.
 
+How a gradient pass keeps its activations is ``settings.grad_memory`` (`resolve_grad_memory`): one pass over all
+rows (above), or a no-grad pass over all rows for the maps and the loss followed by one gradient pass per variant
+(``per_variant``), each with or without recomputing the UNet's blocks in the backward pass (``checkpoint``); the
+update is the same up to float rounding (tests/test_grad_memory.py; memory and FLOPs: bench/sdxl_memory.py).
+
 This is the authors' computation.  ``settings.maps_from = "cond"`` takes the maps from the cond rows only, and
 ``settings.predict_after_update`` recomputes the prediction on the updated latent (one more forward per optimised
 step); both were this engine's behaviour before it matched the authors.
@@ -32,16 +37,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .attention import AttentionCapture, no_checkpointing
+from .attention import AttentionCapture, no_checkpointing, recomputing
 from .loss import concept_loss
 from .lora.rows import LoraRows, RowPlan
 from .masks import fuse, fusion_masks
-from .settings import CloraSettings
+from .settings import GRAD_MEMORY_AUTO_LARGE, CloraSettings
 from .update import latent_step
 
 __all__ = [
     "ComposePlan", "Composer", "StepRecord", "ModelFn", "Conditioning", "CondLike", "NonFiniteError", "mask_iou",
-    "concept_iou", "build_compose_plan",
+    "concept_iou", "build_compose_plan", "resolve_grad_memory",
 ]
 
 
@@ -450,38 +455,99 @@ class Composer:
         self.call_uncond_rows = V * B if with_uncond else 0
         return x_in, sigma_in, cond_rows, self.plan.row_plan(B, uncond=with_uncond, cond=True)
 
+    def grad_memory_mode(self) -> tuple[bool, bool]:
+        """``(per_variant, checkpoint)`` of ``settings.grad_memory`` (see `resolve_grad_memory`)."""
+        return resolve_grad_memory(self.settings.grad_memory, self.unet)
+
     def _grad_pass(self, x, sigma, unconds, conds, model, *, full: bool):
         """One forward with gradient to the latent; the loss on its maps and its gradient.
 
         The rows are the ones the maps need: uncond and cond rows (``maps_from = "both"``, with uncond rows) or cond
         rows only; all rows when ``full`` (the prediction is wanted).  ``full`` passes run to the end with autograd
-        switched off after the last H/32 layer; the others stop there.  Returns (loss, grad, out, flat maps), the
-        last two None unless ``full``."""
+        switched off after the last H/32 layer; the others stop there.  ``settings.grad_memory`` chooses how the
+        gradient is computed (one pass over all rows, or a no-grad pass then one gradient pass per variant, each
+        with or without recomputation; the same gradient up to float rounding).  Returns (loss, grad, out, flat
+        maps), the loss a detached 0-d tensor, the last two None unless ``full``."""
         V, B = conds.shape[:2]
         has_uncond = unconds is not None
         with_uncond = has_uncond and (full or self.settings.maps_from == "both")
+        per_variant, checkpoint = self.grad_memory_mode()
         host = self.grad_context() if self.grad_context is not None else contextlib.nullcontext()
-        with host, self._hooks(), self._gradient_mode(), torch.enable_grad():
+        with host, self._hooks(), self._gradient_mode(), recomputing(self.unet, checkpoint), torch.enable_grad():
             # clones: the host's tensors may be inference tensors, which autograd cannot save
             xg = x.detach().clone().requires_grad_(True)
             x_in, sigma_in, cond_in, plan = self._rows(
                 xg, sigma.detach().clone(), unconds.detach().clone() if with_uncond else None, conds.detach().clone(),
                 with_uncond=with_uncond,
             )
-            self.rows.plan = plan
-            self.capture.reset()
-            self.capture.configure(size=self.map_size, grad=True, stop_after_last=not full, grad_until_last=full)
-            out = self.capture.run(model, x_in, sigma_in, cond_in)
-            flat = self.capture.maps()
-            loss = self._loss_from_maps(self._variant_maps(flat, B, with_uncond))
-            (grad,) = torch.autograd.grad(loss, xg)
+            if checkpoint and not per_variant:
+                self._learn_layer_order(x_in, sigma_in, cond_in, plan, model, V * B if with_uncond else 0)
+            if per_variant:
+                loss, grad, out, flat = self._per_variant_grad(xg, x_in, sigma_in, cond_in, plan, model, B,
+                                                               with_uncond, full)
+            else:
+                self.rows.plan = plan
+                self.capture.reset()
+                self.capture.configure(size=self.map_size, grad=True, stop_after_last=not full, grad_until_last=full)
+                out = self.capture.run(model, x_in, sigma_in, cond_in)
+                flat = self.capture.maps()
+                loss = self._loss_from_maps(self._variant_maps(flat, B, with_uncond))
+                (grad,) = torch.autograd.grad(loss, xg)
         self.capture.reset()
         self.capture.configure(grad_until_last=False)
         if not full:
-            return float(loss.detach()), grad, None, None
+            return loss.detach(), grad, None, None
         if out is None:
             raise RuntimeError("The UNet pass stopped before its output")
-        return float(loss.detach()), grad, out.detach(), flat.detach()
+        return loss.detach(), grad, out.detach(), flat.detach()
+
+    def _learn_layer_order(self, x_in, sigma_in, cond_in, plan, model, uncond_rows):
+        """Before the first recomputed gradient pass (while the H/32 layers' order is unknown, that pass could
+        neither stop nor drop autograd after the last of them): one no-grad pass over the first row records it."""
+        self.capture.configure(size=self.map_size)
+        if self.capture.known_order is not None:
+            return
+        with torch.no_grad():
+            self.rows.plan = RowPlan.from_lists([plan.rows[0]])
+            self.call_uncond_rows = 1 if uncond_rows else 0
+            self.capture.reset()
+            self.capture.configure(grad=False, stop_after_last=False, grad_until_last=False)
+            self.capture.run(model, x_in[:1].detach(), sigma_in[:1], cond_in[:1])
+        self.capture.reset()
+        self.call_uncond_rows = uncond_rows
+
+    def _per_variant_grad(self, xg, x_in, sigma_in, cond_in, plan, model, B, with_uncond, full):
+        """``grad_memory = "per_variant"``: the batched pass's gradient with one variant's rows alive at a time.
+
+        Phase 1: one no-grad pass over all rows (to the end when ``full``, for the prediction; else stopped after the
+        last H/32 layer) gives every variant's maps; the loss on them and dL/dmaps.  Phase 2: for each variant, a
+        gradient pass over its rows stopped after the last H/32 layer, and ``backward(maps_v, dL/dmaps_v)``, which
+        accumulates into the latent's gradient (the chain rule split over the rows: the maps of a row depend on the
+        latent through that row alone)."""
+        V = self.plan.n_variants
+        parts = 2 if with_uncond else 1
+        with torch.no_grad():
+            self.rows.plan = plan
+            self.capture.reset()
+            self.capture.configure(size=self.map_size, grad=False, stop_after_last=not full, grad_until_last=False)
+            out = self.capture.run(model, x_in.detach(), sigma_in, cond_in)
+            flat = self.capture.maps()
+        maps = flat.detach().requires_grad_(True)
+        loss = self._loss_from_maps(self._variant_maps(maps, B, with_uncond))
+        (grad_maps,) = torch.autograd.grad(loss, maps)
+        self.capture.configure(grad=True, stop_after_last=True, grad_until_last=False)
+        for v in range(V):
+            idx = [r for part in range(parts) for r in range((part * V + v) * B, (part * V + v + 1) * B)]
+            ix = torch.tensor(idx, device=x_in.device)
+            self.rows.plan = RowPlan.from_lists([plan.rows[i] for i in idx])
+            self.call_uncond_rows = B if parts == 2 else 0
+            self.capture.reset()
+            self.capture.run(model, x_in[ix], sigma_in[ix], cond_in[ix])
+            torch.autograd.backward(self.capture.maps(), grad_maps[ix].to(flat.dtype))
+        self.rows.plan = plan
+        self.call_uncond_rows = (V * B) if with_uncond else 0
+        grad = xg.grad if xg.grad is not None else torch.zeros_like(xg)
+        return loss, grad, out, flat
 
     def _optimise_latent(self, x, sigma, unconds, conds, model, step: int) -> None:
         iters = 1 + (self.settings.refine_iters if step in self._refine else 0)
@@ -494,7 +560,8 @@ class Composer:
                 break
             # The prediction handed on is the last pass's, so only the last pass needs to run the whole UNet.
             full = keep_prediction and i == iters - 1
-            loss, grad, out, flat = self._grad_pass(x, sigma, unconds, conds, model, full=full)
+            loss_t, grad, out, flat = self._grad_pass(x, sigma, unconds, conds, model, full=full)
+            loss = float(loss_t)
             if i == 0:
                 record.loss_before = loss
             record.losses.append(loss)
@@ -600,6 +667,19 @@ class Composer:
             "CLoRA stopped instead of returning a black image. Check the image without CLoRA (a half-precision "
             "model may need --no-half or upcast attention); otherwise lower that LoRA's weight."
         )
+
+
+def resolve_grad_memory(setting: str, unet: Optional[torch.nn.Module]) -> tuple[bool, bool]:
+    """``(per_variant, checkpoint)`` for a ``grad_memory`` setting.
+
+    ``"auto"`` is ``"batched"`` for UNets without a vector conditioning (SD1, SD2) and `GRAD_MEMORY_AUTO_LARGE` for
+    those with one (a ``label_emb``: SDXL), whose 1024² gradient pass over all rows does not fit a consumer card
+    (bench/sdxl_memory.py).  Recomputation needs the UNet (``unet=None``: no recomputation)."""
+    if setting == "auto":
+        setting = GRAD_MEMORY_AUTO_LARGE if getattr(unet, "label_emb", None) is not None else "batched"
+    per_variant = setting in ("per_variant", "per_variant_checkpoint")
+    checkpoint = setting in ("checkpoint", "per_variant_checkpoint") and unet is not None
+    return per_variant, checkpoint
 
 
 def build_compose_plan(

@@ -53,6 +53,8 @@ __all__ = [
     "STYLE_MODES",
     "SUBJECT_SEPARATOR",
     "MAPS_FROM",
+    "GRAD_MEMORY",
+    "GRAD_MEMORY_AUTO_LARGE",
     "FLAT_VERSION",
     "LEGACY_OPTIONS",
     "json_schema",
@@ -70,6 +72,10 @@ STYLE_MODES = ("whole", "subjects")
 SUBJECT_SEPARATOR = "|"
 #: Values of ``maps_from``: the mean over the negative-prompt and prompt rows (``both``), or the prompt rows only.
 MAPS_FROM = ("both", "cond")
+#: Values of ``grad_memory``: how a gradient pass keeps its activations (see `CloraSettings`).
+GRAD_MEMORY = ("auto", "batched", "per_variant", "checkpoint", "per_variant_checkpoint")
+#: What ``grad_memory = "auto"`` means for UNets with a vector conditioning (SDXL); others get ``"batched"``.
+GRAD_MEMORY_AUTO_LARGE = "checkpoint"
 #: Version of the flat (infotext) form that `CloraSettings.to_flat` writes as ``CLoRA version``.
 FLAT_VERSION = 2
 #: The options added with flat version 2, and the values that give the behaviour from before them: what an infotext
@@ -295,7 +301,16 @@ class CloraSettings:
     negative_te_lora: True encodes the negative prompt once per variant with the text-encoder LoRAs of that
         variant's negative-prompt rows (its LoRA when ``lora_on_uncond`` is on, and the style LoRAs), as the authors
         do; False encodes it once without any LoRA for all variants.
-    `LEGACY_OPTIONS` holds the values of the last three that give the behaviour from before they existed.
+    grad_memory: how a gradient pass (the latent update) keeps the activations its backward pass needs; every mode
+        gives the same gradient up to float rounding, they differ in memory and time (bench/sdxl_memory.py).
+        ``"batched"``: one pass over all rows, everything kept until the backward pass.  ``"per_variant"``: a
+        no-grad pass over all rows gives the maps and the loss, then one gradient pass per variant over its rows
+        alone (one variant's activations alive at a time; one more forward up to the last H/32 layer).
+        ``"checkpoint"``: one pass over all rows, each ResBlock and transformer block keeping only its input and
+        running again during the backward pass.  ``"per_variant_checkpoint"``: both.  ``"auto"``: ``"batched"``
+        for SD1/SD2, `GRAD_MEMORY_AUTO_LARGE` for SDXL (a UNet with a vector conditioning).
+    `LEGACY_OPTIONS` holds the values of maps_from, predict_after_update and negative_te_lora that give the behaviour
+    from before they existed.
     """
 
     enabled: bool = False
@@ -314,6 +329,7 @@ class CloraSettings:
     maps_from: str = "both"
     predict_after_update: bool = False
     negative_te_lora: bool = True
+    grad_memory: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bindings", tuple(self.bindings))
@@ -325,6 +341,7 @@ class CloraSettings:
             object.__setattr__(self, name, _as_number(getattr(self, name)))
         object.__setattr__(self, "mask_morphology", _clean_text(self.mask_morphology))
         object.__setattr__(self, "maps_from", _clean_text(self.maps_from))
+        object.__setattr__(self, "grad_memory", _clean_text(self.grad_memory))
 
     # ----- validation ---------------------------------------------------------------------------------
 
@@ -388,6 +405,8 @@ class CloraSettings:
             out.append(f"Setting mask_morphology {self.mask_morphology!r} is not one of {', '.join(MORPHOLOGIES)}.")
         if self.maps_from not in MAPS_FROM:
             out.append(f"Setting maps_from {self.maps_from!r} is not one of {', '.join(MAPS_FROM)}.")
+        if self.grad_memory not in GRAD_MEMORY:
+            out.append(f"Setting grad_memory {self.grad_memory!r} is not one of {', '.join(GRAD_MEMORY)}.")
         return out
 
     def validate(self) -> "CloraSettings":
@@ -525,6 +544,7 @@ class CloraSettings:
             "maps_from": self.maps_from,
             "predict_after_update": self.predict_after_update,
             "negative_te_lora": self.negative_te_lora,
+            "grad_memory": self.grad_memory,
         }
 
     @classmethod
@@ -584,6 +604,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "maps_from": ("CLoRA maps from", "str"),
     "predict_after_update": ("CLoRA predict after update", "bool"),
     "negative_te_lora": ("CLoRA negative TE LoRA", "bool"),
+    "grad_memory": ("CLoRA grad memory", "str"),
 }
 _VERSION_KEY = "CLoRA version"
 _FLAT_KEY_TO_FIELD = {key: name for name, (key, _) in _FLAT_OPTIONS.items()}
@@ -862,6 +883,12 @@ def json_schema() -> dict[str, Any]:
             "negative_te_lora": {"type": "boolean", "default": d.negative_te_lora,
                                  "description": "true: the negative prompt encoded per variant with its text-encoder "
                                                 "LoRAs; false: encoded once without LoRA (the old behaviour)"},
+            "grad_memory": {"enum": list(GRAD_MEMORY), "default": d.grad_memory,
+                            "description": "how gradient passes keep activations (same result up to float "
+                                           "rounding): 'batched' all rows at once, 'per_variant' one variant's rows "
+                                           "at a time, 'checkpoint' blocks recomputed in the backward pass, "
+                                           "'per_variant_checkpoint' both, 'auto' batched for SD1/SD2 and "
+                                           f"{GRAD_MEMORY_AUTO_LARGE} for SDXL"},
         },
     }
 

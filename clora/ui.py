@@ -17,6 +17,7 @@ the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only a
     step_size, opt_end, refine_at, refine_iters, temperature, mask_threshold, mask_morphology, mask_start,
     lora_on_uncond, show_previews,
     maps_from, predict_after_update, negative_te_lora                              (appended in version 2)
+    grad_memory                                                                    (appended later in version 2)
 
 * a LoRA value of ``""``, ``"None"`` or ``None`` means "no LoRA";
 * a binding or style row whose text fields are all empty is skipped (rows may be left blank anywhere);
@@ -24,7 +25,9 @@ the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only a
 * ``te_weight``: a number, or empty for "same as the weight";
 * style mode: ``"whole"`` / ``"subjects"`` (the labels ``"whole image"`` / ``"these subjects"`` are accepted too);
 * ``refine_at``: comma-separated fractions of the steps (empty or ``none``: no refinement);
-* ``maps_from``: ``"both"`` / ``"cond"`` (the labels of `MAPS_FROM_LABELS` are accepted too).
+* ``maps_from``: ``"both"`` / ``"cond"`` (the labels of `MAPS_FROM_LABELS` are accepted too);
+* ``grad_memory``: one of `clora.settings.GRAD_MEMORY`; lists without it (`PRE_GRAD_MEMORY_ARG_COUNT` values) take
+  its default, which computes what those versions computed.
 
 Lists from before version 2 (`LEGACY_ARG_COUNT` values, without the last three) keep their meaning: the three
 options take their old values (`clora.settings.LEGACY_OPTIONS`), not the defaults.  Such a list arrives in two
@@ -47,6 +50,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import user_message
 from .settings import (
+    GRAD_MEMORY,
     LEGACY_OPTIONS,
     MAX_BINDINGS,
     MAX_REFINE_POINTS,
@@ -72,6 +76,7 @@ __all__ = [
     "STYLE_MODE_LABELS",
     "MAPS_FROM_LABELS",
     "LEGACY_ARG_COUNT",
+    "PRE_GRAD_MEMORY_ARG_COUNT",
     "API_FILLER_MAPS_FROM",
     "args_to_settings",
     "settings_to_args",
@@ -92,9 +97,12 @@ STYLE_FIELDS = ("lora", "weight", "mode", "subjects")
 OPTION_FIELDS = (
     "step_size", "opt_end", "refine_at", "refine_iters", "temperature", "mask_threshold", "mask_morphology",
     "mask_start", "lora_on_uncond", "show_previews", "maps_from", "predict_after_update", "negative_te_lora",
+    "grad_memory",
 )
 #: How many positional arguments there were before version 2 added the last three options (`LEGACY_OPTIONS`).
 LEGACY_ARG_COUNT = 67
+#: How many positional arguments there were before ``grad_memory`` was appended (version 2 lists without it).
+PRE_GRAD_MEMORY_ARG_COUNT = 70
 
 #: The stable order of the script's positional arguments (see the module docstring).
 ARG_NAMES: tuple[str, ...] = (
@@ -263,12 +271,12 @@ def _style_from_args(n: int, row: Mapping[str, Any]) -> Optional[StyleLora]:
 
 
 def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
-    if len(args) not in (len(ARG_NAMES), LEGACY_ARG_COUNT):
+    if len(args) not in (len(ARG_NAMES), PRE_GRAD_MEMORY_ARG_COUNT, LEGACY_ARG_COUNT):
         raise SettingsError(
-            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES; the {LEGACY_ARG_COUNT} of "
-            f"older versions are read too) or one JSON object, got {len(args)} arguments."
+            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES; the {PRE_GRAD_MEMORY_ARG_COUNT} "
+            f"and {LEGACY_ARG_COUNT} of older versions are read too) or one JSON object, got {len(args)} arguments."
         )
-    a = dict(zip(ARG_NAMES, args))
+    a = {"grad_memory": CloraSettings().grad_memory, **dict(zip(ARG_NAMES, args))}
     if len(args) == LEGACY_ARG_COUNT or isinstance(a["maps_from"], _ApiFiller):
         a.update(LEGACY_OPTIONS)  # a list from before these options: their old behaviour (module docstring)
     bindings = []
@@ -298,6 +306,7 @@ def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
         maps_from=_maps_from(a["maps_from"], "Setting maps_from"),
         predict_after_update=_flag(a["predict_after_update"], "Setting predict_after_update"),
         negative_te_lora=_flag(a["negative_te_lora"], "Setting negative_te_lora"),
+        grad_memory=_text(a["grad_memory"], "Setting grad_memory"),
     )
 
 
@@ -356,7 +365,7 @@ def _parse_option(name: str, value: Any, what: str) -> Any:
         return _fractions(value, what)
     if name == "refine_iters":
         return _whole(value, what)
-    if name == "mask_morphology":
+    if name in ("mask_morphology", "grad_memory"):
         return _text(value, what)
     return _number(value, what)
 
@@ -504,6 +513,9 @@ _TIPS = {
     "predict_after_update": "After a latent update, predict again on the updated latent (one more pass per step). "
                             "Off: the prediction made before the update is used, as in the paper.",
     "show_previews": "Add attention-map and mask images after the generated images.",
+    "grad_memory": "How a latent update keeps what its backward pass needs; the result is the same. batched: all "
+                   "rows at once (fastest, most memory); per_variant: one LoRA's rows at a time; checkpoint: blocks "
+                   "recomputed in the backward pass (least memory); auto: batched for SD1/SD2, checkpoint for SDXL.",
 }
 
 
@@ -724,6 +736,9 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
                                                   label="Predict again after the update",
                                                   elem_id=eid("predict_after_update"),
                                                   info=_TIPS["predict_after_update"])
+                c["grad_memory"] = _make(gr.Dropdown, choices=list(GRAD_MEMORY), value=d.grad_memory,
+                                         label="Gradient memory", elem_id=eid("grad_memory"),
+                                         info=_TIPS["grad_memory"])
         c["show_previews"] = _make(gr.Checkbox, d.show_previews, label="Show attention and masks",
                                    elem_id=eid("show_previews"), info=_TIPS["show_previews"])
 

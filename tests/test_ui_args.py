@@ -24,6 +24,7 @@ from clora.ui import (
     API_FILLER_MAPS_FROM,
     ARG_NAMES,
     LEGACY_ARG_COUNT,
+    PRE_GRAD_MEMORY_ARG_COUNT,
     apply_overrides,
     args_to_settings,
     is_enabled,
@@ -44,7 +45,8 @@ def blank_args() -> dict:
         a.update({f"s{n}_lora": "None", f"s{n}_weight": 0.8, f"s{n}_mode": "whole", f"s{n}_subjects": ""})
     a.update({"step_size": 20.0, "opt_end": 0.5, "refine_at": "0, 0.1, 0.2", "refine_iters": 20, "temperature": 0.5,
               "mask_threshold": 0.4, "mask_morphology": "none", "mask_start": 0.0, "lora_on_uncond": True,
-              "show_previews": False, "maps_from": "both", "predict_after_update": False, "negative_te_lora": True})
+              "show_previews": False, "maps_from": "both", "predict_after_update": False, "negative_te_lora": True,
+              "grad_memory": "auto"})
     return a
 
 
@@ -99,6 +101,7 @@ def random_settings(rng: random.Random) -> CloraSettings:
         maps_from=rng.choice(["both", "cond"]),
         predict_after_update=rng.random() < 0.5,
         negative_te_lora=rng.random() < 0.5,
+        grad_memory=rng.choice(["auto", "batched", "per_variant", "checkpoint", "per_variant_checkpoint"]),
     ).validate()
 
 
@@ -106,13 +109,14 @@ def random_settings(rng: random.Random) -> CloraSettings:
 
 
 def test_arg_names_order_and_count():
-    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 13 == 70
+    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 14 == 71
     assert len(set(ARG_NAMES)) == len(ARG_NAMES)
     assert ARG_NAMES[:6] == ("enabled", "b1_lora", "b1_subjects", "b1_triggers", "b1_weight", "b1_te_weight")
     # version 2 appended its three options: the old positions keep their meaning
     assert LEGACY_ARG_COUNT == len(OLD_ARG_NAMES) == 67 and ARG_NAMES[:LEGACY_ARG_COUNT] == OLD_ARG_NAMES
-    assert ARG_NAMES[-5:] == ("lora_on_uncond", "show_previews", "maps_from", "predict_after_update",
-                              "negative_te_lora")
+    assert ARG_NAMES[-6:] == ("lora_on_uncond", "show_previews", "maps_from", "predict_after_update",
+                              "negative_te_lora", "grad_memory")
+    assert PRE_GRAD_MEMORY_ARG_COUNT == 70 == len(ARG_NAMES) - 1  # grad_memory appended after them
     assert len(settings_to_args(CloraSettings())) == len(ARG_NAMES)
 
 
@@ -123,8 +127,8 @@ def test_defaults_give_default_settings():
 
 def test_wrong_argument_count_is_an_error_naming_both_counts():
     args = positional(blank_args())
-    for n in (len(args) - 1, len(args) - 2, len(args) + 1, LEGACY_ARG_COUNT - 1):
-        with pytest.raises(SettingsError, match=rf"70 positional arguments \(see ARG_NAMES; the 67 .*got {n} "):
+    for n in (len(args) - 2, len(args) - 3, len(args) + 1, LEGACY_ARG_COUNT - 1):
+        with pytest.raises(SettingsError, match=rf"71 positional arguments \(see ARG_NAMES; the 70 and 67 .*got {n} "):
             args_to_settings((args * 2)[:n])
 
 
@@ -187,6 +191,7 @@ def test_67_values_from_before_version_2_mean_the_old_behaviour():
 
 
 def test_70_values_take_what_they_say():
+    """A list from before grad_memory: the options of version 2 as given, grad_memory its default."""
     new = _old_list() + ["both", False, True]
     assert args_to_settings(new) == replace(_OLD_MEANING, maps_from="both", predict_after_update=False,
                                             negative_te_lora=True)
@@ -392,7 +397,7 @@ def test_build_ui_smoke():
     # the WebUI saves UI defaults by label: row fields (repeated labels) stay out, the other labels are unique
     saved = [c for c in comps if not getattr(c, "do_not_save_to_config", False)]
     assert [n for n, c in zip(ARG_NAMES, comps) if c in saved] == [
-        "enabled", *(n for n in ARG_NAMES[-13:] if n != "maps_from")]  # (a saved radio value cannot be restored)
+        "enabled", *(n for n in ARG_NAMES[-14:] if n != "maps_from")]  # (a saved radio value cannot be restored)
     assert len({c.label for c in saved}) == len(saved)
     maps_from = comps[ARG_NAMES.index("maps_from")]
     assert [tuple(c) for c in maps_from.choices] == [("prompt + negative rows", "both"), ("prompt rows only", "cond")]
@@ -513,3 +518,18 @@ def test_build_ui_without_host_shows_the_message():
     assert comps[ARG_NAMES.index("b1_lora")].choices in (["None"], [("None", "None")])
     html = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "clora_txt2img_message"]
     assert html and "CLoRA: Forge is not supported yet." in html[0].value
+
+
+def test_grad_memory_positional_override_and_paste():
+    args = positional(blank_args())
+    args[ARG_NAMES.index("grad_memory")] = "per_variant"
+    assert args_to_settings(args).grad_memory == "per_variant"
+    assert args_to_settings(args[:-1]).grad_memory == "auto"  # a 70-value list
+    assert args_to_settings(args, {"grad_memory": " checkpoint "}).grad_memory == "checkpoint"
+    with pytest.raises(SettingsError, match="Setting grad_memory 'lazy' is not one of auto, batched"):
+        args_to_settings(args, {"grad_memory": "lazy"})
+    s = replace(args_to_settings(args), enabled=True, bindings=(Binding("cat_v1", ("cat",)),))
+    params = {k: str(v) for k, v in s.to_flat().items()}
+    assert params["CLoRA grad memory"] == "per_variant"
+    assert paste_value("grad_memory", params) == "per_variant"
+    assert args_to_settings(settings_to_args(s)) == s

@@ -550,10 +550,14 @@ def test_xyz_axes_registered_once_and_override_per_cell():
     by_label["[CLoRA] Attention maps from"].apply(pc, "cond", None)
     by_label["[CLoRA] Predict again after the update"].apply(pc, "True", None)
     by_label["[CLoRA] LoRA text encoders on the negative prompt"].apply(pc, "False", None)
+    assert by_label["[CLoRA] Gradient memory"].choices() == [
+        "auto", "batched", "per_variant", "checkpoint", "per_variant_checkpoint"]
+    by_label["[CLoRA] Gradient memory"].apply(pc, "per_variant", None)
     glue.on_process(pc, disabled, RecordingHost())
     flat = pc.extra_generation_params
     assert (flat["CLoRA maps from"], flat["CLoRA predict after update"], flat["CLoRA negative TE LoRA"]) == (
         "cond", True, False)
+    assert flat["CLoRA grad memory"] == "per_variant"
 
 
 # ----- API routes --------------------------------------------------------------------------------------------------
