@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="batched,per_variant,checkpoint,per_variant_checkpoint",
                     help="sdxl: grad_memory modes to time, comma separated")
     ap.add_argument("--attention", choices=("sdpa", "ldm"), default="sdpa", help="sdxl: attention implementation")
+    ap.add_argument("--layers", default="all", help="sdxl: map_layers choices to time, comma separated (all, down, "
+                                                    "mid, up)")
     ap.add_argument("--repeat", type=int, default=3, help="sdxl: timed repetitions of each case (median)")
     args = ap.parse_args(argv)
     if args.size is None:
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
 def sdxl_main(args) -> int:
     """Time ratio and peak memory of one optimised step per grad_memory mode on an SDXL-layout UNet."""
     import statistics
+    from dataclasses import replace
 
     import torch
 
@@ -193,6 +196,7 @@ def sdxl_main(args) -> int:
     g = torch.Generator().manual_seed(0)
     counts = [int(n) for n in args.loras.split(",") if n]
     modes = [m for m in args.modes.split(",") if m]
+    layer_choices = [v for v in args.layers.split(",") if v]
 
     def sync():
         if cuda:
@@ -235,9 +239,9 @@ def sdxl_main(args) -> int:
                            cond_loras=[[] for _ in range(V)], uncond_loras=[[] for _ in range(V)])
         conds = torch.randn(V, 1, 77, ctx_dim, generator=g).to(args.device, dtype)
         unconds = torch.randn(V, 1, 77, ctx_dim, generator=g).to(args.device, dtype)
-        for mode in modes:
-            def step(mode=mode):
-                comp = Composer(settings=settings.__class__(**{**settings.__dict__, "grad_memory": mode}), plan=plan,
+        for mode, layers in [(m, v) for v in layer_choices for m in modes]:
+            def step(mode=mode, layers=layers):
+                comp = Composer(settings=replace(settings, grad_memory=mode, map_layers=layers), plan=plan,
                                 rows=LoraRows([]), capture=capture, unet=unet, map_size=maps,
                                 total_steps=50, space="eps")
                 with torch.no_grad():
@@ -250,7 +254,8 @@ def sdxl_main(args) -> int:
                 t, peak = float("nan"), float("inf")
                 if cuda:
                     torch.cuda.empty_cache()
-            rows.append({"case": f"{n} bindings, {mode}", "seconds": t, "peak_gib": peak})
+            label = f"{n} bindings, {mode}" + ("" if layers == "all" else f", {layers} layers")
+            rows.append({"case": label, "seconds": t, "peak_gib": peak})
 
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{args.arch} UNet, random weights, {dev}, {str(dtype).split('.')[-1]}, {args.size}x{args.size}, "

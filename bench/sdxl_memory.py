@@ -27,6 +27,7 @@ set: q, k, v, output and the log-sum-exp).
 
     python bench/sdxl_memory.py                          # SDXL 1024² and SD1.5 512², 2 and 4 bindings, both paths
     python bench/sdxl_memory.py --arch sdxl --bindings 2 --attention sdpa --json out.json
+    python bench/sdxl_memory.py --arch sdxl --bindings 2 --attention sdpa --layers all,down,mid,up   # map_layers
 """
 from __future__ import annotations
 
@@ -197,13 +198,12 @@ def _conditioning(arch: str) -> tuple[int, int]:
     return (2048, 2816) if arch == "sdxl" else (768, 0)
 
 
-def measure(arch: str, bindings: int, attention: str, modes=MODES, refine: bool = False, log=print) -> dict[str, Any]:
+def measure(arch: str, bindings: int, attention: str, modes=MODES, refine: bool = False, log=print,
+            layer_choices=("all",)) -> dict[str, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clora.attention import AttentionCapture, map_size
     from clora.compose import ComposePlan, Composer
-    from clora.lora.rows import LoraRows
     from clora.settings import Binding, CloraSettings
 
     size = ARCHS[arch]
@@ -252,51 +252,64 @@ def measure(arch: str, bindings: int, attention: str, modes=MODES, refine: bool 
         with torch.no_grad():
             plain = flops_of(lambda: model(x.expand(2, -1, -1, -1), sigma.expand(2), torch.cat([unconds[0], conds[0]])))
         results["plain_gflops"] = plain / 1e9
-        base = Counting(settings=replace(settings, grad_memory="batched"), plan=plan, rows=LoraRows([]),
-                        capture=AttentionCapture(unet), unet=unet, map_size=map_size((latent, latent), 4),
-                        total_steps=50)
-        with torch.no_grad():  # one complete pass records the layer order (the engine's first pass does the same)
-            base.capture.configure(size=base.map_size, grad=False)
-            with base._hooks():
-                base.capture.run(model, x, sigma, conds[0])
-        order = (base.capture._order, base.capture._order_size)
-        results["h32_layers"] = len(order[0])
-        # one unit's own saved bytes (the recomputation peak's extra), from an un-recomputed pass over 2·V rows
-        handles = counter.unit_hooks(unet, recompute=False)
-        try:
-            counter.calls.clear()
-            with counter.hooks():
-                base._grad_pass(x, sigma, unconds, conds, model, full=False)
-        finally:
-            for h in handles:
-                h.remove()
-        unit_all_rows = counter.largest_unit
-        counter.unit_bytes.clear()
-        for mode in modes:
-            for full in ((True, False) if refine else (True,)):
-                comp = Counting(settings=replace(settings, grad_memory=mode), plan=plan, rows=LoraRows([]),
-                                capture=AttentionCapture(unet), unet=unet, map_size=base.map_size, total_steps=50)
-                comp.capture._order, comp.capture._order_size = order
-                per_variant, recompute = comp.grad_memory_mode()
-                counter.calls.clear()
-                handles = counter.unit_hooks(unet, recompute=recompute)
-                try:
-                    with counter.hooks():
-                        fl = flops_of(lambda: comp._grad_pass(x, sigma, unconds, conds, model, full=full))
-                finally:
-                    for h in handles:
-                        h.remove()
-                saved = counter.largest_call
-                extra = (unit_all_rows // V if per_variant else unit_all_rows) if recompute else 0
-                key = f"{mode}/{'step' if full else 'refine'}"
-                results[key] = {"saved_gib": saved / GIB, "unit_gib": extra / GIB, "peak_gib": (saved + extra) / GIB,
-                                "gflops": fl / 1e9, "x_plain_flops": fl / plain, "calls": len(counter.calls)}
-                log(f"  {arch} {attention} {bindings} bindings {key:28s} saved {saved / GIB:7.2f} GiB "
-                    f"(+unit {extra / GIB:5.2f})  {fl / 1e9:9.0f} GFLOP = {fl / plain:5.2f}x plain")
+        for layers in layer_choices:
+            _measure_layers(results, layers, Counting, settings, plan, unet, model, counter, flops_of, plain, x, sigma,
+                            conds, unconds, latent, V, modes, refine, log)
         results["seconds"] = time.perf_counter() - t0
     results["attention_kernels"] = sorted(attention_ops)
     results["weights_gib"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / GIB
     return results
+
+
+def _measure_layers(results, layers, Counting, settings, plan, unet, model, counter, flops_of, plain, x, sigma, conds,
+                    unconds, latent, V, modes, refine, log) -> None:
+    """The passes of every mode with ``map_layers = layers``; keys ``mode/pass`` ("all") or ``mode/pass/layers``."""
+    from clora.attention import AttentionCapture, map_size
+    from clora.lora.rows import LoraRows
+
+    settings = replace(settings, map_layers=layers)
+    base = Counting(settings=replace(settings, grad_memory="batched"), plan=plan, rows=LoraRows([]),
+                    capture=AttentionCapture(unet), unet=unet, map_size=map_size((latent, latent), 4),
+                    total_steps=50)
+    with torch.no_grad():  # one complete pass records the layer order (the engine's first pass does the same)
+        base.capture.configure(size=base.map_size, grad=False)
+        with base._hooks():
+            base.capture.run(model, x, sigma, conds[0])
+    order = (base.capture._order, base.capture._order_size)
+    results["h32_layers" if layers == "all" else f"h32_layers/{layers}"] = len(order[0])
+    # one unit's own saved bytes (the recomputation peak's extra), from an un-recomputed pass over 2·V rows
+    handles = counter.unit_hooks(unet, recompute=False)
+    try:
+        counter.calls.clear()
+        counter.unit_bytes.clear()  # (what the passes of an earlier choice left)
+        with counter.hooks():
+            base._grad_pass(x, sigma, unconds, conds, model, full=False)
+    finally:
+        for h in handles:
+            h.remove()
+    unit_all_rows = counter.largest_unit
+    counter.unit_bytes.clear()
+    for mode in modes:
+        for full in ((True, False) if refine else (True,)):
+            comp = Counting(settings=replace(settings, grad_memory=mode), plan=plan, rows=LoraRows([]),
+                            capture=AttentionCapture(unet), unet=unet, map_size=base.map_size, total_steps=50)
+            comp.capture._order, comp.capture._order_size = order
+            per_variant, recompute = comp.grad_memory_mode()
+            counter.calls.clear()
+            handles = counter.unit_hooks(unet, recompute=recompute)
+            try:
+                with counter.hooks():
+                    fl = flops_of(lambda: comp._grad_pass(x, sigma, unconds, conds, model, full=full))
+            finally:
+                for h in handles:
+                    h.remove()
+            saved = counter.largest_call
+            extra = (unit_all_rows // V if per_variant else unit_all_rows) if recompute else 0
+            key = f"{mode}/{'step' if full else 'refine'}" + ("" if layers == "all" else f"/{layers}")
+            results[key] = {"saved_gib": saved / GIB, "unit_gib": extra / GIB, "peak_gib": (saved + extra) / GIB,
+                            "gflops": fl / 1e9, "x_plain_flops": fl / plain, "calls": len(counter.calls)}
+            log(f"  {results['arch']} {results['attention']} {results['bindings']} bindings {key:34s} saved "
+                f"{saved / GIB:7.2f} GiB (+unit {extra / GIB:5.2f})  {fl / 1e9:9.0f} GFLOP = {fl / plain:5.2f}x plain")
 
 
 def main(argv=None) -> int:
@@ -306,6 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="ldm,sdpa", help="comma separated: ldm, sdpa")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--refine", action="store_true", help="also count a refinement iteration's pass (full=False)")
+    ap.add_argument("--layers", default="all", help="map_layers choices, comma separated: all, down, mid, up")
     ap.add_argument("--json", help="write the results here (a list; appended to when the file exists)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -320,15 +334,19 @@ def main(argv=None) -> int:
     for arch in [a for a in args.arch.split(",") if a]:
         for attention in [a for a in args.attention.split(",") if a]:
             for n in [int(b) for b in args.bindings.split(",") if b]:
-                out.append(measure(arch, n, attention, modes, args.refine))
+                layers = tuple(v for v in args.layers.split(",") if v)
+                if arch == "sd15":  # SD1 has no middle-block layer at H/32
+                    layers = tuple(v for v in layers if v != "mid")
+                out.append(measure(arch, n, attention, modes, args.refine, layer_choices=layers))
     print()
-    print(f"{'arch':5s} {'attn':5s} {'K':>2s} {'mode':24s} {'pass':6s} {'saved GiB':>9s} {'+unit':>6s} "
+    print(f"{'arch':5s} {'attn':5s} {'K':>2s} {'mode':24s} {'pass':6s} {'layers':6s} {'saved GiB':>9s} {'+unit':>6s} "
           f"{'GFLOP':>8s} {'x plain':>7s}")
     for r in out:
         for key, v in r.items():
             if isinstance(v, dict):
-                mode, kind = key.split("/")
+                mode, kind, *layers = key.split("/")
                 print(f"{r['arch']:5s} {r['attention']:5s} {r['bindings']:2d} {mode:24s} {kind:6s} "
+                      f"{(layers or ['all'])[0]:6s} "
                       f"{v['saved_gib']:9.2f} {v['unit_gib']:6.2f} {v['gflops']:8.0f} {v['x_plain_flops']:7.2f}")
         print(f"      plain CFG step {r['plain_gflops']:.0f} GFLOP; UNet weights {r['weights_gib']:.2f} GiB; "
               f"{r['h32_layers']} H/32 layers; attention kernels {r['attention_kernels'] or ['(ldm einsum)']}")

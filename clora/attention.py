@@ -19,15 +19,34 @@ for a backward pass that would never reach them; :meth:`AttentionCapture.run` re
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 __all__ = [
     "attention_probs", "find_cross_attention", "AttentionCapture", "no_checkpointing", "recomputing",
-    "recompute_units", "map_size",
+    "recompute_units", "map_size", "UNET_PARTS", "unet_part", "NoMapsError",
 ]
+
+
+class NoMapsError(RuntimeError):
+    """No cross-attention map was captured in a pass (no layer at the map size, or none among the chosen parts)."""
+
+
+#: Parts of the UNet whose cross-attention layers (at the map size) `AttentionCapture` may be limited to, by the
+#: first component of the layer's name (ldm/sgm/Forge names; diffusers' names as well).
+UNET_PARTS = {
+    "down": ("input_blocks", "down_blocks"),
+    "mid": ("middle_block", "mid_block"),
+    "up": ("output_blocks", "up_blocks"),
+}
+
+
+def unet_part(name: str) -> Optional[str]:
+    """``"down"``, ``"mid"`` or ``"up"`` for a qualified layer name of a UNet, ``None`` when its name says neither."""
+    head = name.split(".", 1)[0]
+    return next((part for part, heads in UNET_PARTS.items() if head in heads), None)
 
 
 class _StopForward(BaseException):
@@ -116,6 +135,7 @@ class AttentionCapture:
         self._order: Optional[tuple[str, ...]] = None
         self._order_size: Optional[tuple[int, int]] = None
         self._in_run = False
+        self._parts: Optional[frozenset[str]] = None  # None: every part
 
     # ----- context management -------------------------------------------------------------------------------------
     def __enter__(self) -> "AttentionCapture":
@@ -145,6 +165,7 @@ class AttentionCapture:
         stop_after_last: Optional[bool] = None,
         enabled: Optional[bool] = None,
         grad_until_last: Optional[bool] = None,
+        parts: Optional[Iterable[str]] = None,
     ) -> None:
         """Change the settings given (others keep their value).
 
@@ -155,6 +176,8 @@ class AttentionCapture:
         enabled: capture at all.
         grad_until_last: inside :meth:`run`, switch autograd off after the last layer at ``size`` (the pass still
                          completes; known once a complete pass at that size has run through :meth:`run`).
+        parts: capture only layers of these parts of the UNet (keys of `UNET_PARTS`); ``"all"`` (or every part):
+               no limit.  Raises ``ValueError`` when none of the model's cross-attention layers is in them.
         """
         if size is not None:
             h, w = (int(size[0]), int(size[1]))
@@ -169,6 +192,28 @@ class AttentionCapture:
             self._enabled = bool(enabled)
         if grad_until_last is not None:
             self._grad_until_last = bool(grad_until_last)
+        if parts is not None:
+            chosen = frozenset(parts) if not isinstance(parts, str) else frozenset((parts,))
+            if "all" in chosen or chosen >= frozenset(UNET_PARTS):
+                new_parts = None
+            else:
+                unknown = sorted(chosen - set(UNET_PARTS))
+                if unknown:
+                    raise ValueError(f"Unknown UNet part(s) {', '.join(unknown)}; expected {', '.join(UNET_PARTS)}.")
+                if not any(unet_part(name) in chosen for name, _ in self._targets):
+                    raise ValueError(
+                        f"This UNet has no cross-attention layers in its {' or '.join(sorted(chosen))} part "
+                        "(its layer names do not say which part they belong to)."
+                    )
+                new_parts = chosen
+            if new_parts != self._parts:
+                self._parts = new_parts
+                self._order = self._order_size = None  # the last layer changes with the parts
+
+    @property
+    def parts(self) -> Optional[frozenset[str]]:
+        """The UNet parts captured (``None``: all)."""
+        return self._parts
 
     @property
     def size(self) -> Optional[tuple[int, int]]:
@@ -215,7 +260,12 @@ class AttentionCapture:
         """Mean over the captured layers: (B, h, w, T)."""
         if not self._store:
             size = "x".join(map(str, self._size)) if self._size else "(no size set)"
-            raise RuntimeError(f"No cross-attention maps were captured at {size}; did a UNet pass run inside the capture?")
+            if self._parts is not None:
+                raise NoMapsError(
+                    f"No cross-attention layer of the UNet's {' / '.join(sorted(self._parts))} part runs at the "
+                    f"attention-map size {size} in this model; choose other attention layers (e.g. all)."
+                )
+            raise NoMapsError(f"No cross-attention maps were captured at {size}; did a UNet pass run inside the capture?")
         shapes = {tuple(m.shape) for m in self._store}
         if len(shapes) > 1:
             raise RuntimeError(
@@ -245,6 +295,8 @@ class AttentionCapture:
             return
         h, w = self._size
         if x.shape[1] != h * w:
+            return
+        if self._parts is not None and unet_part(name) not in self._parts:
             return
         scale = getattr(module, "scale", None)
         if self._grad:
@@ -323,10 +375,16 @@ def recomputing(model: Optional[nn.Module], enabled: bool = True) -> Iterator[No
     from torch.utils.checkpoint import checkpoint
 
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def fresh_inputs(*args: Any, **kwargs: Any) -> Any:
+            # the checkpoint keeps the unit's inputs for the recomputation; units that add into their input in place
+            # (Forge's transformer blocks: ``x += n``) get a copy, which nobody saved
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            return forward(*args, **kwargs)
+
         def checkpointed(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(fresh_inputs, *args, use_reentrant=False, **kwargs)
 
         return checkpointed
 

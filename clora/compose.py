@@ -37,11 +37,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .attention import AttentionCapture, no_checkpointing, recomputing
+from .attention import AttentionCapture, NoMapsError, no_checkpointing, recomputing
 from .loss import concept_loss
 from .lora.rows import LoraRows, RowPlan
 from .masks import fuse, fusion_masks
-from .settings import GRAD_MEMORY_AUTO_LARGE, CloraSettings
+from .settings import GRAD_MEMORY_AUTO_LARGE, CloraSettings, SettingsError
 from .update import latent_step
 
 __all__ = [
@@ -283,6 +283,19 @@ class Composer:
         self._mask_start = self.settings.mask_start_step(n)
         if self.space not in ("k", "eps"):
             raise ValueError(f"unknown sampler space {self.space!r}; expected 'k' or 'eps'")
+        try:
+            self.capture.configure(parts=self.settings.map_layers)
+        except ValueError as exc:
+            raise SettingsError(f"Setting map_layers {self.settings.map_layers!r}: {exc}") from None
+
+    def _maps(self) -> torch.Tensor:
+        """The capture's maps of the last pass; a layer choice that captured nothing is the user's to change."""
+        try:
+            return self.capture.maps()
+        except NoMapsError as exc:
+            if self.capture.parts is not None:
+                raise SettingsError(f"Setting map_layers {self.settings.map_layers!r}: {exc}") from None
+            raise
 
     # ------------------------------------------------------------------------------------------------
     def __call__(
@@ -389,7 +402,7 @@ class Composer:
             self.capture.reset()
             ix = torch.tensor(idx, device=x_in.device)
             out[ix] = model(x_in[ix], sigma_in[ix], cond_in[ix])
-            m = self.capture.maps()
+            m = self._maps()
             if maps is None:
                 maps = m.new_zeros((parts * V * B, *m.shape[1:]))
             maps[ix] = m
@@ -404,7 +417,9 @@ class Composer:
         if self.unet is None:
             yield
             return
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        # inference tensors (Forge's weights) are left as they are: requires_grad cannot be set back on them outside
+        # inference mode, and a gradient pass never sees them (clora.gradmode hands autograd normal copies)
+        params = [p for p in self.unet.parameters() if p.requires_grad and not p.is_inference()]
         try:
             for p in params:
                 p.requires_grad_(False)
@@ -481,7 +496,7 @@ class Composer:
                 with_uncond=with_uncond,
             )
             if checkpoint and not per_variant:
-                self._learn_layer_order(x_in, sigma_in, cond_in, plan, model, V * B if with_uncond else 0)
+                self._learn_layer_order(x_in, sigma_in, cond_in, plan, model, B, with_uncond)
             if per_variant:
                 loss, grad, out, flat = self._per_variant_grad(xg, x_in, sigma_in, cond_in, plan, model, B,
                                                                with_uncond, full)
@@ -490,7 +505,7 @@ class Composer:
                 self.capture.reset()
                 self.capture.configure(size=self.map_size, grad=True, stop_after_last=not full, grad_until_last=full)
                 out = self.capture.run(model, x_in, sigma_in, cond_in)
-                flat = self.capture.maps()
+                flat = self._maps()
                 loss = self._loss_from_maps(self._variant_maps(flat, B, with_uncond))
                 (grad,) = torch.autograd.grad(loss, xg)
         self.capture.reset()
@@ -501,18 +516,21 @@ class Composer:
             raise RuntimeError("The UNet pass stopped before its output")
         return loss.detach(), grad, out.detach(), flat.detach()
 
-    def _learn_layer_order(self, x_in, sigma_in, cond_in, plan, model, uncond_rows):
+    def _learn_layer_order(self, x_in, sigma_in, cond_in, plan, model, B, with_uncond):
         """Before the first recomputed gradient pass (while the H/32 layers' order is unknown, that pass could
-        neither stop nor drop autograd after the last of them): one no-grad pass over the first row records it."""
+        neither stop nor drop autograd after the last of them): one no-grad pass over the first variant's first
+        ``B`` rows records it (a whole chunk of the host's batch: hosts such as Forge label model calls in chunks of
+        the batch size, cond or uncond)."""
         self.capture.configure(size=self.map_size)
         if self.capture.known_order is not None:
             return
+        uncond_rows = self.call_uncond_rows
         with torch.no_grad():
-            self.rows.plan = RowPlan.from_lists([plan.rows[0]])
-            self.call_uncond_rows = 1 if uncond_rows else 0
+            self.rows.plan = RowPlan.from_lists(plan.rows[:B])
+            self.call_uncond_rows = B if with_uncond else 0
             self.capture.reset()
             self.capture.configure(grad=False, stop_after_last=False, grad_until_last=False)
-            self.capture.run(model, x_in[:1].detach(), sigma_in[:1], cond_in[:1])
+            self.capture.run(model, x_in[:B].detach(), sigma_in[:B], cond_in[:B])
         self.capture.reset()
         self.call_uncond_rows = uncond_rows
 
@@ -531,7 +549,7 @@ class Composer:
             self.capture.reset()
             self.capture.configure(size=self.map_size, grad=False, stop_after_last=not full, grad_until_last=False)
             out = self.capture.run(model, x_in.detach(), sigma_in, cond_in)
-            flat = self.capture.maps()
+            flat = self._maps()
         maps = flat.detach().requires_grad_(True)
         loss = self._loss_from_maps(self._variant_maps(maps, B, with_uncond))
         (grad_maps,) = torch.autograd.grad(loss, maps)
@@ -543,7 +561,7 @@ class Composer:
             self.call_uncond_rows = B if parts == 2 else 0
             self.capture.reset()
             self.capture.run(model, x_in[ix], sigma_in[ix], cond_in[ix])
-            torch.autograd.backward(self.capture.maps(), grad_maps[ix].to(flat.dtype))
+            torch.autograd.backward(self._maps(), grad_maps[ix].to(flat.dtype))
         self.rows.plan = plan
         self.call_uncond_rows = (V * B) if with_uncond else 0
         grad = xg.grad if xg.grad is not None else torch.zeros_like(xg)
@@ -594,7 +612,7 @@ class Composer:
             batched = self.batched if self.batched is not None else x.device.type != "cpu"
             if batched:
                 out = self.capture.run(model, x_in, sigma_in, cond_in)
-                flat_maps = self.capture.maps()
+                flat_maps = self._maps()
             else:
                 out, flat_maps = self._per_variant_calls(x_in, sigma_in, cond_in, model, B, 2 if has_uncond else 1)
             self.capture.reset()

@@ -55,6 +55,7 @@ __all__ = [
     "MAPS_FROM",
     "GRAD_MEMORY",
     "GRAD_MEMORY_AUTO_LARGE",
+    "MAP_LAYERS",
     "FLAT_VERSION",
     "LEGACY_OPTIONS",
     "json_schema",
@@ -76,6 +77,9 @@ MAPS_FROM = ("both", "cond")
 GRAD_MEMORY = ("auto", "batched", "per_variant", "checkpoint", "per_variant_checkpoint")
 #: What ``grad_memory = "auto"`` means for UNets with a vector conditioning (SDXL); others get ``"batched"``.
 GRAD_MEMORY_AUTO_LARGE = "checkpoint"
+#: Values of ``map_layers``: which cross-attention layers at the map size (H/32) give the maps of the loss and the
+#: masks: every one (the authors' choice), or those of one part of the UNet (see `CloraSettings`).
+MAP_LAYERS = ("all", "down", "mid", "up")
 #: Version of the flat (infotext) form that `CloraSettings.to_flat` writes as ``CLoRA version``.
 FLAT_VERSION = 2
 #: The options added with flat version 2, and the values that give the behaviour from before them: what an infotext
@@ -309,6 +313,11 @@ class CloraSettings:
         ``"checkpoint"``: one pass over all rows, each ResBlock and transformer block keeping only its input and
         running again during the backward pass.  ``"per_variant_checkpoint"``: both.  ``"auto"``: ``"batched"``
         for SD1/SD2, `GRAD_MEMORY_AUTO_LARGE` for SDXL (a UNet with a vector conditioning).
+    map_layers: which cross-attention layers at the map size (H/32) are averaged into the maps of the loss and the
+        masks: ``"all"`` (the authors' choice; SD1.5: 5 layers, SDXL: 60), ``"down"`` those of the down path
+        (``input_blocks``; SD1.5: 2, SDXL: 20), ``"mid"`` the middle block's (SDXL: 10; SD1 has none at H/32),
+        ``"up"`` the up path's (``output_blocks``; SD1.5: 3, SDXL: 30).  A gradient pass stops after the last chosen
+        layer, so ``"down"`` and ``"mid"`` make latent updates cheaper (bench/sdxl_memory.py).
     `LEGACY_OPTIONS` holds the values of maps_from, predict_after_update and negative_te_lora that give the behaviour
     from before they existed.
     """
@@ -330,6 +339,7 @@ class CloraSettings:
     predict_after_update: bool = False
     negative_te_lora: bool = True
     grad_memory: str = "auto"
+    map_layers: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bindings", tuple(self.bindings))
@@ -342,6 +352,7 @@ class CloraSettings:
         object.__setattr__(self, "mask_morphology", _clean_text(self.mask_morphology))
         object.__setattr__(self, "maps_from", _clean_text(self.maps_from))
         object.__setattr__(self, "grad_memory", _clean_text(self.grad_memory))
+        object.__setattr__(self, "map_layers", _clean_text(self.map_layers))
 
     # ----- validation ---------------------------------------------------------------------------------
 
@@ -407,6 +418,8 @@ class CloraSettings:
             out.append(f"Setting maps_from {self.maps_from!r} is not one of {', '.join(MAPS_FROM)}.")
         if self.grad_memory not in GRAD_MEMORY:
             out.append(f"Setting grad_memory {self.grad_memory!r} is not one of {', '.join(GRAD_MEMORY)}.")
+        if self.map_layers not in MAP_LAYERS:
+            out.append(f"Setting map_layers {self.map_layers!r} is not one of {', '.join(MAP_LAYERS)}.")
         return out
 
     def validate(self) -> "CloraSettings":
@@ -545,6 +558,7 @@ class CloraSettings:
             "predict_after_update": self.predict_after_update,
             "negative_te_lora": self.negative_te_lora,
             "grad_memory": self.grad_memory,
+            "map_layers": self.map_layers,
         }
 
     @classmethod
@@ -605,6 +619,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "predict_after_update": ("CLoRA predict after update", "bool"),
     "negative_te_lora": ("CLoRA negative TE LoRA", "bool"),
     "grad_memory": ("CLoRA grad memory", "str"),
+    "map_layers": ("CLoRA attention layers", "str"),
 }
 _VERSION_KEY = "CLoRA version"
 _FLAT_KEY_TO_FIELD = {key: name for name, (key, _) in _FLAT_OPTIONS.items()}
@@ -889,6 +904,10 @@ def json_schema() -> dict[str, Any]:
                                            "at a time, 'checkpoint' blocks recomputed in the backward pass, "
                                            "'per_variant_checkpoint' both, 'auto' batched for SD1/SD2 and "
                                            f"{GRAD_MEMORY_AUTO_LARGE} for SDXL"},
+            "map_layers": {"enum": list(MAP_LAYERS), "default": d.map_layers,
+                           "description": "cross-attention layers at H/32 averaged into the maps: 'all' (the "
+                                          "authors'), or those of the UNet's 'down' path, 'mid' block or 'up' path; "
+                                          "'down'/'mid' stop gradient passes earlier (cheaper)"},
         },
     }
 

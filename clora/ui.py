@@ -18,6 +18,7 @@ the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only a
     lora_on_uncond, show_previews,
     maps_from, predict_after_update, negative_te_lora                              (appended in version 2)
     grad_memory                                                                    (appended later in version 2)
+    map_layers                                                                     (appended after grad_memory)
 
 * a LoRA value of ``""``, ``"None"`` or ``None`` means "no LoRA";
 * a binding or style row whose text fields are all empty is skipped (rows may be left blank anywhere);
@@ -28,6 +29,8 @@ the API's ``alwayson_scripts["clora"]["args"]`` order; keep it stable and only a
 * ``maps_from``: ``"both"`` / ``"cond"`` (the labels of `MAPS_FROM_LABELS` are accepted too);
 * ``grad_memory``: one of `clora.settings.GRAD_MEMORY`; lists without it (`PRE_GRAD_MEMORY_ARG_COUNT` values) take
   its default, which computes what those versions computed.
+* ``map_layers``: one of `clora.settings.MAP_LAYERS`; lists without it (`PRE_MAP_LAYERS_ARG_COUNT` values, or
+  `PRE_GRAD_MEMORY_ARG_COUNT`) take its default ``all``, which is what those versions computed.
 
 Lists from before version 2 (`LEGACY_ARG_COUNT` values, without the last three) keep their meaning: the three
 options take their old values (`clora.settings.LEGACY_OPTIONS`), not the defaults.  Such a list arrives in two
@@ -52,6 +55,7 @@ from .errors import user_message
 from .settings import (
     GRAD_MEMORY,
     LEGACY_OPTIONS,
+    MAP_LAYERS,
     MAX_BINDINGS,
     MAX_REFINE_POINTS,
     MAX_STYLES,
@@ -77,6 +81,7 @@ __all__ = [
     "MAPS_FROM_LABELS",
     "LEGACY_ARG_COUNT",
     "PRE_GRAD_MEMORY_ARG_COUNT",
+    "PRE_MAP_LAYERS_ARG_COUNT",
     "API_FILLER_MAPS_FROM",
     "args_to_settings",
     "settings_to_args",
@@ -97,12 +102,14 @@ STYLE_FIELDS = ("lora", "weight", "mode", "subjects")
 OPTION_FIELDS = (
     "step_size", "opt_end", "refine_at", "refine_iters", "temperature", "mask_threshold", "mask_morphology",
     "mask_start", "lora_on_uncond", "show_previews", "maps_from", "predict_after_update", "negative_te_lora",
-    "grad_memory",
+    "grad_memory", "map_layers",
 )
 #: How many positional arguments there were before version 2 added the last three options (`LEGACY_OPTIONS`).
 LEGACY_ARG_COUNT = 67
 #: How many positional arguments there were before ``grad_memory`` was appended (version 2 lists without it).
 PRE_GRAD_MEMORY_ARG_COUNT = 70
+#: How many positional arguments there were before ``map_layers`` was appended.
+PRE_MAP_LAYERS_ARG_COUNT = 71
 
 #: The stable order of the script's positional arguments (see the module docstring).
 ARG_NAMES: tuple[str, ...] = (
@@ -271,12 +278,14 @@ def _style_from_args(n: int, row: Mapping[str, Any]) -> Optional[StyleLora]:
 
 
 def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
-    if len(args) not in (len(ARG_NAMES), PRE_GRAD_MEMORY_ARG_COUNT, LEGACY_ARG_COUNT):
+    if len(args) not in (len(ARG_NAMES), PRE_MAP_LAYERS_ARG_COUNT, PRE_GRAD_MEMORY_ARG_COUNT, LEGACY_ARG_COUNT):
         raise SettingsError(
-            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES; the {PRE_GRAD_MEMORY_ARG_COUNT} "
-            f"and {LEGACY_ARG_COUNT} of older versions are read too) or one JSON object, got {len(args)} arguments."
+            f"The script takes {len(ARG_NAMES)} positional arguments (see ARG_NAMES; the {PRE_MAP_LAYERS_ARG_COUNT}, "
+            f"{PRE_GRAD_MEMORY_ARG_COUNT} and {LEGACY_ARG_COUNT} of older versions are read too) or one JSON object, "
+            f"got {len(args)} arguments."
         )
-    a = {"grad_memory": CloraSettings().grad_memory, **dict(zip(ARG_NAMES, args))}
+    d = CloraSettings()
+    a = {"grad_memory": d.grad_memory, "map_layers": d.map_layers, **dict(zip(ARG_NAMES, args))}
     if len(args) == LEGACY_ARG_COUNT or isinstance(a["maps_from"], _ApiFiller):
         a.update(LEGACY_OPTIONS)  # a list from before these options: their old behaviour (module docstring)
     bindings = []
@@ -307,6 +316,7 @@ def _settings_from_positional(args: Sequence[Any]) -> CloraSettings:
         predict_after_update=_flag(a["predict_after_update"], "Setting predict_after_update"),
         negative_te_lora=_flag(a["negative_te_lora"], "Setting negative_te_lora"),
         grad_memory=_text(a["grad_memory"], "Setting grad_memory"),
+        map_layers=_text(a["map_layers"], "Setting map_layers"),
     )
 
 
@@ -365,7 +375,7 @@ def _parse_option(name: str, value: Any, what: str) -> Any:
         return _fractions(value, what)
     if name == "refine_iters":
         return _whole(value, what)
-    if name in ("mask_morphology", "grad_memory"):
+    if name in ("mask_morphology", "grad_memory", "map_layers"):
         return _text(value, what)
     return _number(value, what)
 
@@ -516,6 +526,9 @@ _TIPS = {
     "grad_memory": "How a latent update keeps what its backward pass needs; the result is the same. batched: all "
                    "rows at once (fastest, most memory); per_variant: one LoRA's rows at a time; checkpoint: blocks "
                    "recomputed in the backward pass (least memory); auto: batched for SD1/SD2, checkpoint for SDXL.",
+    "map_layers": "Cross-attention layers at 1/32 of the image size whose maps drive the loss and the masks: all "
+                  "(the paper's), or those of the UNet's down path, middle block (SDXL only) or up path. down and mid "
+                  "end each latent update's pass earlier (cheaper, mostly for SDXL).",
 }
 
 
@@ -739,6 +752,9 @@ def build_ui(is_img2img: bool, host: Any, elem_prefix: Optional[str] = None, mes
                 c["grad_memory"] = _make(gr.Dropdown, choices=list(GRAD_MEMORY), value=d.grad_memory,
                                          label="Gradient memory", elem_id=eid("grad_memory"),
                                          info=_TIPS["grad_memory"])
+                c["map_layers"] = _make(gr.Dropdown, choices=list(MAP_LAYERS), value=d.map_layers,
+                                        label="Attention layers", elem_id=eid("map_layers"),
+                                        info=_TIPS["map_layers"])
         c["show_previews"] = _make(gr.Checkbox, d.show_previews, label="Show attention and masks",
                                    elem_id=eid("show_previews"), info=_TIPS["show_previews"])
 

@@ -325,3 +325,71 @@ def test_maps_errors(unet) -> None:
         cap.configure(size=(5, 5))
         with pytest.raises(RuntimeError, match="5x5"):
             cap.maps()
+
+
+# ----- choosing the UNet part (settings.map_layers) -----------------------------------------------------------------
+def test_parts_capture_their_layers_average_them_and_stop_after_the_last(unet) -> None:
+    """``parts``: only the chosen part's layers at the map size are captured, the maps are their mean (checked
+    against the per-layer maps of an unrestricted capture), and with early stopping a ``down`` pass ends after the
+    down path: no output block runs."""
+    from clora.attention import unet_part
+
+    x, t, ctx = _inputs()
+    with AttentionCapture(unet) as cap:
+        cap.configure(size=(8, 8))
+        with torch.no_grad():
+            unet(x, timesteps=t, context=ctx)
+        every = cap.layer_maps()
+    assert [n.split(".")[0] for n, _ in every] == ["input_blocks"] * 2 + ["output_blocks"] * 3
+    for part, want_names in (("down", [n for n, _ in every if n.startswith("input_blocks.")]),
+                             ("up", [n for n, _ in every if n.startswith("output_blocks.")])):
+        calls: list[str] = []
+        handles = [m.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, m in enumerate(unet.output_blocks)]
+        try:
+            with AttentionCapture(unet) as cap:
+                cap.configure(size=(8, 8), parts=[part])
+                assert cap.parts == frozenset([part])
+                with torch.no_grad():
+                    assert cap.run(unet, x, timesteps=t, context=ctx) is not None  # learns the order
+                    assert list(cap.layer_names) == want_names
+                    want = torch.stack([m for n, m in every if n in want_names]).mean(0)
+                    torch.testing.assert_close(cap.maps(), want, rtol=1e-6, atol=1e-7)
+                    assert cap.known_order == tuple(want_names)
+                    cap.reset()
+                    calls.clear()
+                    cap.configure(stop_after_last=True)
+                    assert cap.run(unet, x, timesteps=t, context=ctx) is None
+                    torch.testing.assert_close(cap.maps(), want, rtol=1e-6, atol=1e-7)
+        finally:
+            for h in handles:
+                h.remove()
+        if part == "down":
+            assert calls == []  # stopped after input_blocks.8: the up path never ran
+        else:
+            assert calls and max(calls) == int(want_names[-1].split(".")[1]) - 1  # stopped inside the last one
+    assert {unet_part(n) for n, _ in every} == {"down", "up"}
+
+
+def test_parts_errors(unet) -> None:
+    from clora.attention import NoMapsError
+
+    x, t, ctx = _inputs()
+    with AttentionCapture(unet) as cap:
+        cap.configure(size=(8, 8), parts="mid")  # the middle block has cross-attention, but at 4x4, not 8x8
+        with torch.no_grad():
+            unet(x, timesteps=t, context=ctx)
+        with pytest.raises(NoMapsError, match=r"No cross-attention layer of the UNet's mid part runs at the "
+                                              r"attention-map size 8x8"):
+            cap.maps()
+        with pytest.raises(ValueError, match="Unknown UNet part"):
+            cap.configure(parts=["middle"])
+        cap.configure(parts="all")
+        assert cap.parts is None
+
+    class Blocks(nn.Module):  # cross-attention whose names say no UNet part
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([ldm_attention.BasicTransformerBlock(16, 2, 8, context_dim=CTX)])
+
+    with pytest.raises(ValueError, match="no cross-attention layers in its down part"):
+        AttentionCapture(Blocks()).configure(parts=["down"])

@@ -294,7 +294,7 @@ def test_fake_tensor_count_equals_the_real_count():
             return unet(xr, timesteps=sr, context=cr, y=y.expand(xr.shape[0], -1))
 
         rows = comp.plan.row_plan(1, uncond=False, cond=True)
-        comp._learn_layer_order(x.expand(V, -1, -1, -1), sigma.expand(V), conds[:, 0], rows, model, 0)
+        comp._learn_layer_order(x.expand(V, -1, -1, -1), sigma.expand(V), conds[:, 0], rows, model, 1, False)
         handles = counter.unit_hooks(unet, recompute=comp.grad_memory_mode()[1])
         try:
             counter.calls.clear()
@@ -328,3 +328,44 @@ def test_fake_tensor_count_equals_the_real_count():
         assert real > 0 and abs(counted - real) <= 16, (mode, counted, real)
         counts[mode] = real
     assert counts["checkpoint"] < counts["per_variant"] < counts["batched"]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_map_layers_average_the_chosen_part_and_end_the_pass_there(arch):
+    """``map_layers``: the maps of a pass are the mean of the chosen part's H/32 layers (checked against the
+    per-layer maps of an ``all`` pass over the same rows), and a stopped gradient pass for ``down`` never runs the up
+    path.  ``mid`` on SD1 (no middle-block layer at H/32) is a settings error naming the setting."""
+    unet, composer, (x, sigma, unconds, conds, model), calls = _case(arch)
+    ref = composer("batched")
+    layer_maps: list = []
+    maps_of = ref.capture.maps
+
+    def recording_maps():
+        layer_maps[:] = ref.capture.layer_maps()
+        return maps_of()
+
+    ref.capture.maps = recording_maps
+    ref._grad_pass(x, sigma, unconds, conds, model, full=True)
+    names = [n for n, _ in layer_maps]
+    parts = {"down": "input_blocks.", "mid": "middle_block.", "up": "output_blocks."}
+    present = [p for p, prefix in parts.items() if any(n.startswith(prefix) for n in names)]
+    assert present == (["down", "up"] if arch == "sd1" else ["down", "mid", "up"])
+    up_calls: list[int] = []
+    hook = unet.output_blocks[0].register_forward_hook(lambda *_a: up_calls.append(1))
+    try:
+        for part in present:
+            comp = composer("batched", map_layers=part)
+            _loss, g, _out, flat = comp._grad_pass(x, sigma, unconds, conds, model, full=True)
+            want = torch.stack([m for n, m in layer_maps if n.startswith(parts[part])]).mean(0)
+            assert _rel(flat, want) < 1e-6, (part, _rel(flat, want))
+            assert torch.isfinite(g).all() and float(g.abs().max()) > 0
+            up_calls.clear()
+            comp._grad_pass(x, sigma, unconds, conds, model, full=False)  # stopped after the part's last layer
+            assert bool(up_calls) == (part == "up"), (part, len(up_calls))
+    finally:
+        hook.remove()
+    if arch == "sd1":
+        comp = composer("batched", map_layers="mid")
+        with pytest.raises(SettingsError, match=r"Setting map_layers 'mid': No cross-attention layer of the UNet's "
+                                                r"mid part runs at the attention-map size 4x4"):
+            comp._grad_pass(x, sigma, unconds, conds, model, full=True)

@@ -596,3 +596,33 @@ def test_bf16_output_dtype(layout):
     assert got.dtype == conv_out.dtype == linear_out.dtype == torch.bfloat16
     for r in range(3):
         assert rel_err(got[r], want[r][0].detach()) <= 3e-2
+
+
+# ----- 7. memory ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["loha", "lokr"])
+def test_dense_kinds_keep_no_full_size_delta_between_calls(layout):
+    """LoHa/LoKr have no low-rank form, so each call builds the layer's full ΔW; nothing of that size may stay in the
+    per-row cache (for an SDXL LoHa that would be GBs, the size of every targeted weight) — and rows stay exact."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(21)
+    layer = nn.Linear(96, 128)
+    targets = [(layer, i, make_lora(layer, layout, g, f"l{i}")) for i in (A, B, C)]
+    x = torch.randn(3, 96, generator=g)
+    check_rows(layer, targets, lambda m: m(x))
+    with torch.no_grad(), LoraRows(targets) as rows:
+        rows.plan = RowPlan.from_lists(PLAN_ROWS)
+        layer(x)
+        cached = [t for hook in layer._forward_hooks.values() for e in hook.entries for p in e.prepared.values()
+                  for t in _prepared_tensors(p)]
+    assert cached, "the forward did not prepare the entries"
+    file_numel = sum(t.numel() for _m, _i, lm in targets for t in lm.tensors.values())
+    assert sum(t.numel() for t in cached) <= file_numel
+    assert max(t.numel() for t in cached) < layer.weight.numel()
+
+
+def _prepared_tensors(p) -> list[torch.Tensor]:
+    out = [t for t in (p.down, p.mid, p.up, getattr(p, "dense", None)) if t is not None]
+    lazy = getattr(p, "lazy", None)
+    if lazy is not None:
+        out += list(lazy.tensors.values())
+    return out

@@ -455,3 +455,42 @@ def test_forge_sdxl_variants_reach_apply_model_as_c_crossattn_and_y(monkeypatch,
     for mod, s in zip((te1, te2), saved):
         _untouched(mod, s)
     _no_hooks(te1, te2)
+
+
+def test_forge_sdxl_every_model_call_is_whole_chunks_of_the_batch(monkeypatch, hf_model, sdxl_loras):
+    """Forge labels a model call's rows in chunks of the batch size (``cond_or_uncond``, from which it derives
+    ``cond_mark`` / ``cond_indices`` for its patches): with a batch of 2, every call CLoRA makes — the prediction,
+    the gradient passes and the pass that learns the H/32 layers' order for the recomputing memory mode — must carry
+    whole chunks (a 1-row call would get an empty label list)."""
+    install_fakes(monkeypatch, *hf_model[1:])
+    m, calls = forge_sdxl_model(hf_model)
+    p = P(m, width=64, height=64)
+    p.prompts, p.negative_prompts, p.batch_size = [p.prompt] * 2, [p.negative_prompt] * 2, 2
+    p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, steps=4, total_steps=None))
+    run = forge_run(p, sdxl_loras)
+    run.prepare()
+    assert run.error is None, run.error
+    assert run.settings.grad_memory == "auto"  # checkpoint on SDXL: the layer-order pass runs
+    with torch.no_grad():
+        run.patch_unet()
+    patched = m.forge_objects.unet
+    [modifier] = patched.model_options["conditioning_modifiers"]
+    wrapper = patched.model_options["model_function_wrapper"]
+    cat2 = lambda d: {k: torch.cat([v, v]) for k, v in d.items()}  # noqa: E731
+    host_c = cat2(reconstruct_cond_batch(run._encode(p.prompt, [], 4), 0))
+    host_u = cat2(reconstruct_cond_batch(run._encode(p.negative_prompt, [], 4, negative=True), 0))
+    compiled = lambda d: [{"cross_attn": d["crossattn"], "pooled_output": d["vector"],  # noqa: E731
+                           "model_conds": {"y": SimpleNamespace(cond=d["vector"])}}]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([5.0, 5.0])
+    with torch.no_grad():
+        modifier(patched.model, x, sigma, compiled(host_u), compiled(host_c), 7.0, {}, 0)
+        out = wrapper(lambda *a, **k: pytest.fail("the host's rows must be answered by CLoRA"),
+                      {"input": torch.cat([x, x]), "timestep": torch.cat([sigma, sigma]), "c": {},
+                       "cond_or_uncond": [0, 1]})
+    assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all()
+    assert len(calls) >= 3  # layer order, gradient pass(es), prediction
+    assert any(c["c_crossattn"].shape[0] == 2 for c in calls)  # the layer-order pass: one chunk
+    for c in calls:
+        assert c["cond_or_uncond"] and len(c["cond_or_uncond"]) * 2 == c["c_crossattn"].shape[0], (
+            c["cond_or_uncond"], c["c_crossattn"].shape)

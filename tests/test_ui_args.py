@@ -25,6 +25,7 @@ from clora.ui import (
     ARG_NAMES,
     LEGACY_ARG_COUNT,
     PRE_GRAD_MEMORY_ARG_COUNT,
+    PRE_MAP_LAYERS_ARG_COUNT,
     apply_overrides,
     args_to_settings,
     is_enabled,
@@ -46,7 +47,7 @@ def blank_args() -> dict:
     a.update({"step_size": 20.0, "opt_end": 0.5, "refine_at": "0, 0.1, 0.2", "refine_iters": 20, "temperature": 0.5,
               "mask_threshold": 0.4, "mask_morphology": "none", "mask_start": 0.0, "lora_on_uncond": True,
               "show_previews": False, "maps_from": "both", "predict_after_update": False, "negative_te_lora": True,
-              "grad_memory": "auto"})
+              "grad_memory": "auto", "map_layers": "all"})
     return a
 
 
@@ -102,6 +103,7 @@ def random_settings(rng: random.Random) -> CloraSettings:
         predict_after_update=rng.random() < 0.5,
         negative_te_lora=rng.random() < 0.5,
         grad_memory=rng.choice(["auto", "batched", "per_variant", "checkpoint", "per_variant_checkpoint"]),
+        map_layers=rng.choice(["all", "down", "mid", "up"]),
     ).validate()
 
 
@@ -109,14 +111,15 @@ def random_settings(rng: random.Random) -> CloraSettings:
 
 
 def test_arg_names_order_and_count():
-    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 14 == 71
+    assert len(ARG_NAMES) == 1 + 5 * MAX_BINDINGS + 4 * MAX_STYLES + 15 == 72
     assert len(set(ARG_NAMES)) == len(ARG_NAMES)
     assert ARG_NAMES[:6] == ("enabled", "b1_lora", "b1_subjects", "b1_triggers", "b1_weight", "b1_te_weight")
     # version 2 appended its three options: the old positions keep their meaning
     assert LEGACY_ARG_COUNT == len(OLD_ARG_NAMES) == 67 and ARG_NAMES[:LEGACY_ARG_COUNT] == OLD_ARG_NAMES
-    assert ARG_NAMES[-6:] == ("lora_on_uncond", "show_previews", "maps_from", "predict_after_update",
-                              "negative_te_lora", "grad_memory")
-    assert PRE_GRAD_MEMORY_ARG_COUNT == 70 == len(ARG_NAMES) - 1  # grad_memory appended after them
+    assert ARG_NAMES[-7:] == ("lora_on_uncond", "show_previews", "maps_from", "predict_after_update",
+                              "negative_te_lora", "grad_memory", "map_layers")
+    assert PRE_GRAD_MEMORY_ARG_COUNT == 70 == len(ARG_NAMES) - 2  # grad_memory, then map_layers appended
+    assert PRE_MAP_LAYERS_ARG_COUNT == 71 == len(ARG_NAMES) - 1
     assert len(settings_to_args(CloraSettings())) == len(ARG_NAMES)
 
 
@@ -127,8 +130,9 @@ def test_defaults_give_default_settings():
 
 def test_wrong_argument_count_is_an_error_naming_both_counts():
     args = positional(blank_args())
-    for n in (len(args) - 2, len(args) - 3, len(args) + 1, LEGACY_ARG_COUNT - 1):
-        with pytest.raises(SettingsError, match=rf"71 positional arguments \(see ARG_NAMES; the 70 and 67 .*got {n} "):
+    for n in (len(args) - 3, len(args) - 4, len(args) + 1, LEGACY_ARG_COUNT - 1):
+        with pytest.raises(SettingsError,
+                           match=rf"72 positional arguments \(see ARG_NAMES; the 71, 70 and 67 .*got {n} "):
             args_to_settings((args * 2)[:n])
 
 
@@ -397,7 +401,7 @@ def test_build_ui_smoke():
     # the WebUI saves UI defaults by label: row fields (repeated labels) stay out, the other labels are unique
     saved = [c for c in comps if not getattr(c, "do_not_save_to_config", False)]
     assert [n for n, c in zip(ARG_NAMES, comps) if c in saved] == [
-        "enabled", *(n for n in ARG_NAMES[-14:] if n != "maps_from")]  # (a saved radio value cannot be restored)
+        "enabled", *(n for n in ARG_NAMES[-15:] if n != "maps_from")]  # (a saved radio value cannot be restored)
     assert len({c.label for c in saved}) == len(saved)
     maps_from = comps[ARG_NAMES.index("maps_from")]
     assert [tuple(c) for c in maps_from.choices] == [("prompt + negative rows", "both"), ("prompt rows only", "cond")]
@@ -524,7 +528,8 @@ def test_grad_memory_positional_override_and_paste():
     args = positional(blank_args())
     args[ARG_NAMES.index("grad_memory")] = "per_variant"
     assert args_to_settings(args).grad_memory == "per_variant"
-    assert args_to_settings(args[:-1]).grad_memory == "auto"  # a 70-value list
+    assert args_to_settings(args[:-1]).grad_memory == "per_variant"  # a 71-value list (before map_layers)
+    assert args_to_settings(args[:-2]).grad_memory == "auto"  # a 70-value list
     assert args_to_settings(args, {"grad_memory": " checkpoint "}).grad_memory == "checkpoint"
     with pytest.raises(SettingsError, match="Setting grad_memory 'lazy' is not one of auto, batched"):
         args_to_settings(args, {"grad_memory": "lazy"})
@@ -533,3 +538,20 @@ def test_grad_memory_positional_override_and_paste():
     assert params["CLoRA grad memory"] == "per_variant"
     assert paste_value("grad_memory", params) == "per_variant"
     assert args_to_settings(settings_to_args(s)) == s
+
+
+def test_map_layers_positional_override_paste_and_older_lists():
+    args = positional(blank_args())
+    args[ARG_NAMES.index("map_layers")] = "down"
+    assert args_to_settings(args).map_layers == "down"
+    assert args_to_settings(args[:-1]).map_layers == "all"  # a 71-value list: from before map_layers
+    assert args_to_settings(args[:-2]).map_layers == "all"  # a 70-value list
+    assert args_to_settings(args, {"map_layers": " mid "}).map_layers == "mid"
+    with pytest.raises(SettingsError, match="Setting map_layers 'middle' is not one of all, down, mid, up"):
+        args_to_settings(args, {"map_layers": "middle"})
+    s = replace(args_to_settings(args), enabled=True, bindings=(Binding("cat_v1", ("cat",)),))
+    params = {k: str(v) for k, v in s.to_flat().items()}
+    assert params["CLoRA attention layers"] == "down"
+    assert paste_value("map_layers", params) == "down"
+    assert args_to_settings(settings_to_args(s)) == s
+    assert "CLoRA attention layers" not in CloraSettings(enabled=True).to_flat()  # the default is not written

@@ -34,7 +34,7 @@ from ..compose import NonFiniteError
 from ..errors import bug_message, detail, user_message
 from ..lora.types import LoraError
 from ..prompts import PromptError
-from ..settings import GRAD_MEMORY, CloraSettings, SettingsError
+from ..settings import GRAD_MEMORY, MAP_LAYERS, CloraSettings, SettingsError
 from ..ui import ARG_NAMES, args_to_settings, is_enabled, nothing_chosen
 from .common import CloraError
 
@@ -483,6 +483,7 @@ AXES: tuple[tuple[str, type, str, Optional[Callable[[], list[str]]]], ...] = (
     ("[CLoRA] Predict again after the update", str, "predict_after_update", lambda: ["True", "False"]),
     ("[CLoRA] LoRA text encoders on the negative prompt", str, "negative_te_lora", lambda: ["True", "False"]),
     ("[CLoRA] Gradient memory", str, "grad_memory", lambda: list(GRAD_MEMORY)),
+    ("[CLoRA] Attention layers", str, "map_layers", lambda: list(MAP_LAYERS)),
 )
 
 

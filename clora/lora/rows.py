@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense import shape_problem
 from .types import LoraError, LoraModule, is_conv2d, is_linear
 
 __all__ = ["RowPlan", "RowGroup", "LoraRows", "Target", "targets_of"]
@@ -194,12 +195,15 @@ class RowPlan:
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Prepared:
-    """Tensors of one entry in one dtype/device: factored ``(down, mid, up)`` (``up`` pre-scaled) or ``dense``."""
+    """Tensors of one entry in one dtype/device: factored ``(down, mid, up)`` (``up`` pre-scaled), or ``lazy``: a
+    module whose update has no low-rank form (LoHa, LoKr, DoRA), its small tensors moved to the layer weight's
+    device once; its full ``ΔW`` is computed inside each call and dropped after it (kept for every layer, those
+    deltas would be the size of the targeted weights: GBs for an SDXL LoHa)."""
 
     down: Optional[torch.Tensor] = None
     mid: Optional[torch.Tensor] = None
     up: Optional[torch.Tensor] = None
-    dense: Optional[torch.Tensor] = None
+    lazy: Optional[LoraModule] = None
 
 
 def _module_kind(module: nn.Module, key: str) -> str:
@@ -264,13 +268,16 @@ def _prepare(module: nn.Module, lora: LoraModule, device: torch.device, dtype: t
     kind = _module_kind(module, lora.key)
     factors = lora.factors()
     if factors is None:
-        dense = lora.dense_delta(module.weight.detach())
-        if tuple(dense.shape) != tuple(module.weight.shape):
-            raise LoraError(
-                f"LoRA module {lora.key} gives a delta of shape {tuple(dense.shape)} for a layer weight of shape "
-                f"{tuple(module.weight.shape)}."
-            )
-        return _Prepared(dense=_normal(dense.detach().to(device=device, dtype=dtype)))
+        problem = shape_problem(lora, tuple(module.weight.shape))
+        if problem is not None:
+            raise LoraError(f"LoRA module {lora.key} does not fit its layer: {problem}.")
+        dev = module.weight.device
+
+        def moved(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else _normal(t.detach().to(device=dev))
+
+        lazy = replace(lora, tensors={k: moved(v) for k, v in lora.tensors.items()}, dora_scale=moved(lora.dora_scale))
+        return _Prepared(lazy=lazy)
     down, mid, up = (t.detach() if t is not None else None for t in factors)
     if kind == "linear":
         down, up = _as_linear(down, lora.key, "down"), _as_linear(up, lora.key, "up")
@@ -329,15 +336,18 @@ def _scale_rows(h: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tenso
 
 def _delta(module: nn.Module, p: _Prepared, x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """``weights[i] * ΔW x[i]`` for the gathered rows ``x`` (per-row weights applied at the cheapest point)."""
+    dense = None
+    if p.lazy is not None:
+        dense = p.lazy.dense_delta(module.weight.detach()).to(device=x.device, dtype=x.dtype)
     if is_linear(module):
-        if p.dense is not None:
-            return F.linear(_scale_rows(x, weights), p.dense)
+        if dense is not None:
+            return F.linear(_scale_rows(x, weights), dense)
         h = _scale_rows(F.linear(x, p.down), weights)
         if p.mid is not None:
             h = F.linear(h, p.mid)
         return F.linear(h, p.up)
-    if p.dense is not None:
-        return _conv_spatial(_scale_rows(x, weights), p.dense, module)
+    if dense is not None:
+        return _conv_spatial(_scale_rows(x, weights), dense, module)
     if p.mid is None:
         h = _conv_spatial(x, p.down, module)
     else:

@@ -85,6 +85,11 @@ def test_infotext_round_trip_with_every_option_changed(webui, loras):
         "mask_morphology": "close",
         "mask_start": 0.1,
         "lora_on_uncond": False,
+        "maps_from": "cond",
+        "predict_after_update": True,
+        "negative_te_lora": False,
+        "grad_memory": "per_variant",
+        "map_layers": "down",
     }
     r = webui.generate([settings])
     assert r.ok, r.error_text()

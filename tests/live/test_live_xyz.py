@@ -53,7 +53,8 @@ def xyz_args(x_type: int, x_values: str, y_type: int, y_dropdown: list[str]) -> 
 
 def test_clora_axes_are_listed(webui):
     labels = axis_labels(webui)
-    for label in (STEP_AXIS, ENABLED_AXIS, "[CLoRA] Mask threshold \u03bb", "[CLoRA] Binding 1 weight"):
+    for label in (STEP_AXIS, ENABLED_AXIS, "[CLoRA] Mask threshold \u03bb", "[CLoRA] Binding 1 weight",
+                  "[CLoRA] Gradient memory", "[CLoRA] Attention layers"):
         assert label in labels
     assert STEP_AXIS in axis_labels(webui, is_img2img=True)
 
