@@ -18,6 +18,24 @@ from clora._compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def oc_model():
+    """The tiny SDXL (unet, te1, te2) with te2 as an open_clip tower (A1111's layout); one per test module."""
+    from tests.models import make_tiny_sdxl
+
+    return make_tiny_sdxl("open_clip")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """The tiny SDXL (unet, te1, te2) with te2 as transformers' CLIPTextModelWithProjection (Forge's layout)."""
+    from tests.models import make_tiny_sdxl
+
+    return make_tiny_sdxl("hf")
+
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The real-tool LoRA files (tests/test_lora_real_tools.py): the layouts covered and each one's worst ΔW error."""

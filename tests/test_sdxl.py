@@ -8,20 +8,10 @@ import copy
 import pytest
 import torch
 
-from tests.models import TINY_SDXL, make_tiny_sdxl, sdxl_context_arg, tiny_sdxl_adm_channels
+from tests.models import TINY_SDXL, sdxl_context_arg, tiny_sdxl_adm_channels
 from tests.test_rows import ref_delta
 
 SIZE_DIM = TINY_SDXL["size_dim"]
-
-
-@pytest.fixture(scope="module")
-def oc_model():
-    return make_tiny_sdxl("open_clip")
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    return make_tiny_sdxl("hf")
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,12 @@ from clora.hosts.forge import ForgeRun, _host_cond
 from clora.lora.functional import run_with_loras
 from clora.sdxl import OpenClipEncode, hf_clip_encode, size_vector
 from clora.settings import Binding, CloraSettings
-from tests.models import TINY_SDXL, clip_tokenizer, make_tiny_sdxl, sdxl_context_arg
+from tests.models import TINY_SDXL, clip_tokenizer, sdxl_context_arg
 from tests.test_webui_glue import WordClip, fake_module, fake_modules_package
 
 SPC = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
 SETTINGS = CloraSettings(enabled=True, refine_iters=1,
                          bindings=(Binding("cat_v1", ("cat",)), Binding("dog_v1", ("dog",))))
-
-
-@pytest.fixture(scope="module")
-def oc_model():
-    return make_tiny_sdxl("open_clip")
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    return make_tiny_sdxl("hf")
 
 
 @pytest.fixture(scope="module")
@@ -409,38 +399,47 @@ def test_forge_sdxl_refiner_is_refused(monkeypatch, hf_model, sdxl_loras):
                                           "text encoder); load an SDXL base model.")
 
 
-def test_forge_sdxl_variants_reach_apply_model_as_c_crossattn_and_y(monkeypatch, hf_model, sdxl_loras):
-    """Forge: clip_l and clip_g both get per-row hooks (no parameter targets); the conditioning modifier and the UNet
-    wrapper hand ``apply_model`` each variant's context as ``c_crossattn`` and its pooled vector as ``y``."""
+def _forge_sdxl_step(monkeypatch, hf_model, sdxl_loras, batch: int = 1):
+    """A Forge SDXL run prepared and patched, then one sampling step through its conditioning modifier and UNet
+    wrapper on a batch of ``batch`` images.  Returns (run, apply_model calls, the wrapper's output)."""
     install_fakes(monkeypatch, *hf_model[1:])
-    unet, te1, te2 = hf_model
-    saved = [_params(te1), _params(te2)]
     m, calls = forge_sdxl_model(hf_model)
     p = P(m, width=64, height=64)
+    p.prompts, p.negative_prompts, p.batch_size = [p.prompt] * batch, [p.negative_prompt] * batch, batch
     p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, steps=4, total_steps=None))
     run = forge_run(p, sdxl_loras)
     run.prepare()
     assert run.error is None, run.error
-    assert not run.text2_params
-    te2_modules = set(te2.modules())
-    assert any(mod in te2_modules for mod, _i, _l in run.text_targets)
     with torch.no_grad():
         run.patch_unet()
     patched = m.forge_objects.unet
     [modifier] = patched.model_options["conditioning_modifiers"]
     wrapper = patched.model_options["model_function_wrapper"]
-    host_c = reconstruct_cond_batch(run._encode(p.prompt, [], 4), 0)
-    host_u = reconstruct_cond_batch(run._encode(p.negative_prompt, [], 4, negative=True), 0)
+    rows = lambda d: {k: v.repeat(batch, *([1] * (v.dim() - 1))) for k, v in d.items()}  # noqa: E731
+    host_c = rows(reconstruct_cond_batch(run._encode(p.prompt, [], 4), 0))
+    host_u = rows(reconstruct_cond_batch(run._encode(p.negative_prompt, [], 4, negative=True), 0))
     compiled = lambda d: [{"cross_attn": d["crossattn"], "pooled_output": d["vector"],  # noqa: E731
                            "model_conds": {"y": SimpleNamespace(cond=d["vector"])}}]
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([5.0])
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((batch,), 5.0)
     with torch.no_grad():
         modifier(patched.model, x, sigma, compiled(host_u), compiled(host_c), 7.0, {}, 0)
         out = wrapper(lambda *a, **k: pytest.fail("the host's rows must be answered by CLoRA"),
                       {"input": torch.cat([x, x]), "timestep": torch.cat([sigma, sigma]), "c": {},
                        "cond_or_uncond": [0, 1]})
-    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    assert out.shape == (2 * batch, 4, 8, 8) and torch.isfinite(out).all()
+    return run, calls, out
+
+
+def test_forge_sdxl_variants_reach_apply_model_as_c_crossattn_and_y(monkeypatch, hf_model, sdxl_loras):
+    """Forge: clip_l and clip_g both get per-row hooks (no parameter targets); the conditioning modifier and the UNet
+    wrapper hand ``apply_model`` each variant's context as ``c_crossattn`` and its pooled vector as ``y``."""
+    unet, te1, te2 = hf_model
+    saved = [_params(te1), _params(te2)]
+    run, calls, _out = _forge_sdxl_step(monkeypatch, hf_model, sdxl_loras)
+    assert not run.text2_params
+    te2_modules = set(te2.modules())
+    assert any(mod in te2_modules for mod, _i, _l in run.text_targets)
     conds, unconds = run.pass_state["conds"], run.pass_state["uncond"]
     assert isinstance(conds, Conditioning) and isinstance(unconds, Conditioning)
     V = conds.shape[0]
@@ -462,33 +461,8 @@ def test_forge_sdxl_every_model_call_is_whole_chunks_of_the_batch(monkeypatch, h
     ``cond_mark`` / ``cond_indices`` for its patches): with a batch of 2, every call CLoRA makes — the prediction,
     the gradient passes and the pass that learns the H/32 layers' order for the recomputing memory mode — must carry
     whole chunks (a 1-row call would get an empty label list)."""
-    install_fakes(monkeypatch, *hf_model[1:])
-    m, calls = forge_sdxl_model(hf_model)
-    p = P(m, width=64, height=64)
-    p.prompts, p.negative_prompts, p.batch_size = [p.prompt] * 2, [p.negative_prompt] * 2, 2
-    p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, steps=4, total_steps=None))
-    run = forge_run(p, sdxl_loras)
-    run.prepare()
-    assert run.error is None, run.error
+    run, calls, _out = _forge_sdxl_step(monkeypatch, hf_model, sdxl_loras, batch=2)
     assert run.settings.grad_memory == "auto"  # checkpoint on SDXL: the layer-order pass runs
-    with torch.no_grad():
-        run.patch_unet()
-    patched = m.forge_objects.unet
-    [modifier] = patched.model_options["conditioning_modifiers"]
-    wrapper = patched.model_options["model_function_wrapper"]
-    cat2 = lambda d: {k: torch.cat([v, v]) for k, v in d.items()}  # noqa: E731
-    host_c = cat2(reconstruct_cond_batch(run._encode(p.prompt, [], 4), 0))
-    host_u = cat2(reconstruct_cond_batch(run._encode(p.negative_prompt, [], 4, negative=True), 0))
-    compiled = lambda d: [{"cross_attn": d["crossattn"], "pooled_output": d["vector"],  # noqa: E731
-                           "model_conds": {"y": SimpleNamespace(cond=d["vector"])}}]
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([5.0, 5.0])
-    with torch.no_grad():
-        modifier(patched.model, x, sigma, compiled(host_u), compiled(host_c), 7.0, {}, 0)
-        out = wrapper(lambda *a, **k: pytest.fail("the host's rows must be answered by CLoRA"),
-                      {"input": torch.cat([x, x]), "timestep": torch.cat([sigma, sigma]), "c": {},
-                       "cond_or_uncond": [0, 1]})
-    assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all()
     assert len(calls) >= 3  # layer order, gradient pass(es), prediction
     assert any(c["c_crossattn"].shape[0] == 2 for c in calls)  # the layer-order pass: one chunk
     for c in calls:

@@ -524,34 +524,26 @@ def test_build_ui_without_host_shows_the_message():
     assert html and "CLoRA: Forge is not supported yet." in html[0].value
 
 
-def test_grad_memory_positional_override_and_paste():
+@pytest.mark.parametrize("name, value, override, bad, flat_key, older", [
+    # (older: how many trailing list positions were added from this option on)
+    ("grad_memory", "per_variant", "checkpoint", "lazy", "CLoRA grad memory", 2),
+    ("map_layers", "down", "mid", "middle", "CLoRA attention layers", 1),
+])
+def test_appended_option_positional_override_paste_and_older_lists(name, value, override, bad, flat_key, older):
+    """The options appended after version 2's list: set by position, overridden (X/Y/Z), pasted from the infotext,
+    and taking their default in the shorter lists of before they existed."""
+    default = getattr(CloraSettings(), name)
     args = positional(blank_args())
-    args[ARG_NAMES.index("grad_memory")] = "per_variant"
-    assert args_to_settings(args).grad_memory == "per_variant"
-    assert args_to_settings(args[:-1]).grad_memory == "per_variant"  # a 71-value list (before map_layers)
-    assert args_to_settings(args[:-2]).grad_memory == "auto"  # a 70-value list
-    assert args_to_settings(args, {"grad_memory": " checkpoint "}).grad_memory == "checkpoint"
-    with pytest.raises(SettingsError, match="Setting grad_memory 'lazy' is not one of auto, batched"):
-        args_to_settings(args, {"grad_memory": "lazy"})
+    args[ARG_NAMES.index(name)] = value
+    assert getattr(args_to_settings(args), name) == value
+    for cut in range(1, older + 1):
+        assert getattr(args_to_settings(args[:-cut]), name) == (default if cut >= older else value)
+    assert getattr(args_to_settings(args, {name: f" {override} "}), name) == override
+    with pytest.raises(SettingsError, match=f"Setting {name} '{bad}' is not one of"):
+        args_to_settings(args, {name: bad})
     s = replace(args_to_settings(args), enabled=True, bindings=(Binding("cat_v1", ("cat",)),))
     params = {k: str(v) for k, v in s.to_flat().items()}
-    assert params["CLoRA grad memory"] == "per_variant"
-    assert paste_value("grad_memory", params) == "per_variant"
+    assert params[flat_key] == value
+    assert paste_value(name, params) == value
     assert args_to_settings(settings_to_args(s)) == s
-
-
-def test_map_layers_positional_override_paste_and_older_lists():
-    args = positional(blank_args())
-    args[ARG_NAMES.index("map_layers")] = "down"
-    assert args_to_settings(args).map_layers == "down"
-    assert args_to_settings(args[:-1]).map_layers == "all"  # a 71-value list: from before map_layers
-    assert args_to_settings(args[:-2]).map_layers == "all"  # a 70-value list
-    assert args_to_settings(args, {"map_layers": " mid "}).map_layers == "mid"
-    with pytest.raises(SettingsError, match="Setting map_layers 'middle' is not one of all, down, mid, up"):
-        args_to_settings(args, {"map_layers": "middle"})
-    s = replace(args_to_settings(args), enabled=True, bindings=(Binding("cat_v1", ("cat",)),))
-    params = {k: str(v) for k, v in s.to_flat().items()}
-    assert params["CLoRA attention layers"] == "down"
-    assert paste_value("map_layers", params) == "down"
-    assert args_to_settings(settings_to_args(s)) == s
-    assert "CLoRA attention layers" not in CloraSettings(enabled=True).to_flat()  # the default is not written
+    assert flat_key not in CloraSettings(enabled=True).to_flat()  # the default is not written
